@@ -1,0 +1,713 @@
+"""The editor protocol, the registry, and the one locate-then-edit loop over layers.
+
+Data flow of one batch (see docs/DESIGN.md)::
+
+    requests -> validate -> targets z (at the last edited layer)
+             -> for each edited layer, lowest first:
+                  keys K (current model) -> residual share E -> editor.solve(layer, K, E) -> delta W -> write
+             -> record the batch (K, V on disk) -> commit the run directory
+
+A batch is all-or-nothing: any failure (bad request, non-finite or unbounded update, an exception)
+restores the edited weights and the editor's state to what they were before the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rlsedit.configs import model_defaults
+from rlsedit.locate import TargetConfig, compute_hidden, compute_keys, compute_targets
+from rlsedit.locate.templates import generate_context_templates
+from rlsedit.models.arch import (
+    add_delta_kv,
+    block_name,
+    get_arch,
+    get_module,
+    mlp_out_name,
+    num_layers,
+    weight_kv,
+)
+from rlsedit.requests import EditRequest, RequestError, validate_batch
+from rlsedit.store import RunStore
+
+__all__ = [
+    "BatchReport",
+    "EditReport",
+    "Editor",
+    "EditorConfig",
+    "EditError",
+    "LocateThenEditEditor",
+    "register_editor",
+    "make_editor",
+    "load_editor",
+    "list_editors",
+    "editor_class",
+]
+
+log = logging.getLogger(__name__)
+
+RUN_FORMAT = "rlsedit-editor/1"
+
+
+class EditError(RuntimeError):
+    """A batch could not be applied; the model and the editor are unchanged."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class EditorConfig:
+    """Settings shared by the locate-then-edit editors.
+
+    Attributes:
+        layers: edited blocks (their MLP output projections), e.g. ``(3, 4, 5, 6, 7)``; the target is
+            optimised at the last one.
+        targets: target optimisation settings.
+        n_templates / template_length: generated context templates (plus the bare prompt).
+        stats_samples / stats_max_len / stats_corpus: the second-moment statistics.
+        max_delta_ratio: refuse a batch whose weight change has ``||dW||_F > max_delta_ratio * ||W||_F``.
+        seed: seeds template generation.
+    """
+
+    layers: tuple[int, ...] = (3, 4, 5, 6, 7)
+    targets: TargetConfig = field(default_factory=TargetConfig)
+    n_templates: int = 5
+    template_length: int = 10
+    stats_samples: int = 1000
+    stats_max_len: int = 128
+    stats_corpus: str | None = None
+    max_delta_ratio: float = 10.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, dict):
+            self.targets = TargetConfig(**self.targets)
+        self.layers = tuple(int(x) for x in self.layers)
+        if not self.layers:
+            raise ValueError("layers must not be empty")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers has duplicates: {self.layers}")
+        if list(self.layers) != sorted(self.layers):
+            raise ValueError(f"layers must be increasing: {self.layers}")
+        if self.n_templates < 0 or self.template_length < 1:
+            raise ValueError("n_templates >= 0 and template_length >= 1 are required")
+        if self.max_delta_ratio <= 0:
+            raise ValueError("max_delta_ratio must be > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EditorConfig:
+        return cls(**d)
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def build_config(
+    config_cls: type[EditorConfig], base: dict[str, Any], overrides: dict[str, Any]
+) -> EditorConfig:
+    """Merge defaults ``base`` and ``overrides`` into ``config_cls``.
+
+    Target-optimisation keys (``lr``, ``steps``...) may be given flat or under ``targets``. Unknown keys
+    are refused with the closest valid names.
+    """
+    top, tgt = _field_names(config_cls), _field_names(TargetConfig)
+    merged: dict[str, Any] = {}
+    targets: dict[str, Any] = {}
+    for source in (base, overrides):
+        for key, value in source.items():
+            if key == "targets" and isinstance(value, dict):
+                for k2 in value:
+                    if k2 not in tgt:
+                        raise ValueError(_unknown(k2, tgt, "target option"))
+                targets.update(value)
+            elif key in top:
+                merged[key] = value
+            elif key in tgt:
+                targets[key] = value
+            else:
+                raise ValueError(_unknown(key, top | tgt, f"option of {config_cls.__name__}"))
+    merged["targets"] = TargetConfig(**targets)
+    return config_cls(**merged)
+
+
+def _unknown(key: str, valid: Iterable[str], what: str) -> str:
+    close = difflib.get_close_matches(key, sorted(valid), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return f"unknown {what} {key!r}{hint}; valid: {', '.join(sorted(valid))}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reports
+
+
+@dataclass
+class BatchReport:
+    """What one batch did.
+
+    Attributes:
+        batch_id: the batch's identifier in the run.
+        n_requests: requests applied.
+        superseded: ``(batch_id, index)`` of earlier requests retracted because this batch re-edits them.
+        layers: per edited layer: ``residual_norm`` (mean ||E|| of the layer's share), ``delta_norm``
+            (||dW||_F), ``weight_norm`` (||W||_F).
+        residual_before / residual_after: mean ||z - h|| at the last edited layer before and after.
+        target_nll_init / target_nll_final: mean NLL of the new targets during target optimisation.
+        timings: seconds for ``targets``, ``keys``, ``update``, ``save`` and ``total``.
+    """
+
+    batch_id: int
+    n_requests: int
+    superseded: list[tuple[int, int]] = field(default_factory=list)
+    layers: dict[int, dict[str, float]] = field(default_factory=dict)
+    residual_before: float = float("nan")
+    residual_after: float = float("nan")
+    target_nll_init: float = float("nan")
+    target_nll_final: float = float("nan")
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layers"] = {str(k): v for k, v in self.layers.items()}
+        return d
+
+
+@dataclass
+class EditReport:
+    """Reports of every batch applied by one ``edit`` call (``skipped``: batches already in the run)."""
+
+    batches: list[BatchReport] = field(default_factory=list)
+    skipped: int = 0
+
+    @property
+    def n_requests(self) -> int:
+        return sum(b.n_requests for b in self.batches)
+
+    def seconds(self, key: str = "total") -> float:
+        return sum(b.timings.get(key, 0.0) for b in self.batches)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batches": [b.to_dict() for b in self.batches], "skipped": self.skipped}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Protocol and registry
+
+
+@runtime_checkable
+class Editor(Protocol):
+    """What every editor offers."""
+
+    name: ClassVar[str]
+    model: nn.Module
+    tokenizer: Any
+    config: Any
+
+    def edit(self, requests: Sequence[EditRequest | dict], batch_size: int | None = None) -> EditReport: ...
+
+    def save(self, directory: str | Path) -> None: ...
+
+    def edited_modules(self) -> list[str]: ...
+
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register_editor(cls: type) -> type:
+    """Class decorator: register an editor under ``cls.name`` (duplicates are refused)."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__} needs a class attribute 'name'")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"an editor named {name!r} is already registered ({_REGISTRY[name].__name__})")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def _ensure_builtin_editors() -> None:
+    import rlsedit.editors  # noqa: F401  (registers the built-in editors)
+
+
+def list_editors() -> list[str]:
+    """Names of the registered editors."""
+    _ensure_builtin_editors()
+    return sorted(_REGISTRY)
+
+
+def editor_class(name: str) -> type:
+    """The editor class registered under ``name`` (a typo gets the closest names)."""
+    _ensure_builtin_editors()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(_unknown(name, _REGISTRY, "editor")) from None
+
+
+def make_editor(
+    name: str,
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    stats_dir: str | Path | None = None,
+    sigmas: dict[int, torch.Tensor] | None = None,
+    **overrides: Any,
+) -> Any:
+    """Build the editor ``name`` for ``model`` with its per-model defaults and ``overrides``.
+
+    Args:
+        stats_dir: cache folder of second-moment statistics (default: the user cache).
+        sigmas: precomputed ``{layer: Sigma (d_k, d_k)}``; skips computing statistics.
+        overrides: config fields (e.g. ``layers=[4, 5]``, ``mu=30.0``, ``lr=0.3``).
+    """
+    cls = editor_class(name)
+    defaults = model_defaults(model, name)
+    config = build_config(cls.config_class, defaults, overrides)
+    return cls(model, tokenizer, config, stats_dir=stats_dir, sigmas=sigmas)
+
+
+def load_editor(directory: str | Path, model: nn.Module, tokenizer: Any, *, attach: bool = True) -> Any:
+    """Resume an editor saved with ``editor.save(directory)`` (or a run of ``rlsedit edit``).
+
+    ``model`` must be the base (unedited) model or the model as last saved; the saved edited weights are
+    written into it. With ``attach`` the editor keeps committing each later batch to ``directory``.
+    """
+    store = RunStore(directory, create=False)
+    manifest = store.load_manifest()
+    if manifest is None or manifest.get("kind") != RUN_FORMAT:
+        raise FileNotFoundError(f"{directory} holds no saved editor (no committed manifest)")
+    cls = editor_class(manifest["method"])
+    config = build_config(cls.config_class, {}, manifest["config"])
+    editor = cls(model, tokenizer, config, stats_dir=None, sigmas=None, _restore=(store, manifest))
+    if attach:
+        editor._store = store
+    return editor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The locate-then-edit loop
+
+
+def _hash_requests(requests: Sequence[EditRequest]) -> str:
+    payload = json.dumps([r.to_dict() for r in requests], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+@dataclass
+class _Pending:
+    """A layer's solve result, applied only once every layer of the batch succeeded."""
+
+    delta: torch.Tensor
+    state: dict[str, torch.Tensor]
+    record: dict[str, torch.Tensor]
+
+
+class LocateThenEditEditor:
+    """Base class of the closed-form editors (RLSEdit, MEMIT, AlphaEdit, ROME).
+
+    Subclasses set ``name`` and ``config_class`` and implement :meth:`init_layer_state` and
+    :meth:`solve`. Per-layer state is a dict of tensors (``self.layer_state[layer]``), saved as
+    safetensors; per-batch records (e.g. RLSEdit's ``K`` and ``V``) are written to the run directory.
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[EditorConfig]] = EditorConfig
+    #: Whether the editor needs the second-moment statistics.
+    needs_stats: ClassVar[bool] = True
+    #: Whether solve() consumes batches one request at a time (ROME).
+    one_request_at_a_time: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        config: EditorConfig,
+        *,
+        stats_dir: str | Path | None = None,
+        sigmas: dict[int, torch.Tensor] | None = None,
+        _restore: tuple[RunStore, dict] | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        arch = get_arch(model)
+        if arch.norm_after_mlp:
+            raise NotImplementedError(
+                f"{model.config.model_type}: a normalisation follows the MLP output, so the hidden state is "
+                "not linear in the edited matrix and the closed-form update would be wrong; rlsedit refuses "
+                "to edit this architecture."
+            )
+        n = num_layers(model)
+        for layer in config.layers:
+            if not 0 <= layer < n:
+                raise ValueError(f"layer {layer} out of range: the model has {n} layers (0..{n - 1})")
+        self.modules = {layer: mlp_out_name(model, layer) for layer in config.layers}
+        self.stats_dir = stats_dir
+        self.layer_state: dict[int, dict[str, torch.Tensor]] = {}
+        self.batches: list[dict[str, Any]] = []  # manifest entries of applied batches
+        self._store: RunStore | None = None
+        #: The name or path the model was loaded with (recorded in the run directory).
+        self.load_name: str | None = None
+        self._scratch: tempfile.TemporaryDirectory | None = None
+        if _restore is not None:
+            self._restore(*_restore)
+            return
+        self.templates = generate_context_templates(
+            model, tokenizer, n=config.n_templates, length=config.template_length, seed=config.seed
+        )
+        self.W0 = {
+            layer: weight_kv(get_module(model, name)).detach().clone() for layer, name in self.modules.items()
+        }
+        if self.needs_stats:
+            if sigmas is None:
+                sigmas = self._compute_sigmas()
+            self.sigmas = {layer: sigmas[layer].to(torch.float64).cpu() for layer in config.layers}
+        else:
+            self.sigmas = {}
+        for layer in config.layers:
+            self.layer_state[layer] = self.init_layer_state(layer, self.W0[layer], self.sigmas.get(layer))
+
+    def _compute_sigmas(self) -> dict[int, torch.Tensor]:
+        from rlsedit.stats import second_moments
+
+        cfg = self.config
+        names = [self.modules[layer] for layer in cfg.layers]
+        s = second_moments(
+            self.model,
+            self.tokenizer,
+            names,
+            samples=cfg.stats_samples,
+            corpus=cfg.stats_corpus,
+            max_len=cfg.stats_max_len,
+            cache_dir=self.stats_dir,
+        )
+        return {layer: s[self.modules[layer]] for layer in cfg.layers}
+
+    # -- hooks for subclasses ---------------------------------------------------------------------------
+
+    def init_layer_state(
+        self, layer: int, W0: torch.Tensor, sigma: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """Initial per-layer state (tensors) from ``W0 (d_k, d_v)`` and ``Sigma (d_k, d_k)``."""
+        return {}
+
+    def solve(self, layer: int, K: torch.Tensor, E: torch.Tensor, W: torch.Tensor) -> _Pending:
+        """The weight change of one layer.
+
+        Args:
+            K: ``(d_k, u)`` keys (columns). E: ``(u, d_v)`` this layer's share of the residual.
+            W: ``(d_k, d_v)`` the current weight.
+        Returns:
+            a :class:`_Pending` with ``delta (d_k, d_v)``, the layer's next state and what to record.
+        """
+        raise NotImplementedError
+
+    def after_batch(self) -> None:
+        """Called after a batch is applied (e.g. drift checks)."""
+
+    # -- public API -------------------------------------------------------------------------------------
+
+    def edited_modules(self) -> list[str]:
+        """Full names of the modules this editor changes."""
+        return list(self.modules.values())
+
+    @property
+    def n_applied(self) -> int:
+        """Number of requests applied and not retracted."""
+        return sum(sum(b["active"]) for b in self.batches)
+
+    def edit(
+        self, requests: Sequence[EditRequest | dict], batch_size: int | None = None, progress: bool = False
+    ) -> EditReport:
+        """Apply ``requests`` in batches of ``batch_size`` (default: all at once), editing the model in place.
+
+        Every request is validated first: one bad request refuses the whole call, changing nothing.
+        Each batch is all-or-nothing; with a run directory attached each applied batch is committed
+        before the next one starts. A batch identical to one already in the run is skipped.
+        """
+        reqs = validate_batch(list(requests))
+        if not reqs:
+            raise RequestError("no requests to apply", record=None, field=None)
+        size = len(reqs) if batch_size is None else int(batch_size)
+        if size < 1:
+            raise ValueError("batch_size must be >= 1")
+        report = EditReport()
+        chunks = [reqs[i : i + size] for i in range(0, len(reqs), size)]
+        known = {b["hash"] for b in self.batches}
+        for chunk in tqdm(chunks, desc=f"{self.name} batches", unit="batch", disable=not progress):
+            h = _hash_requests(chunk)
+            if h in known:
+                report.skipped += 1
+                log.info("batch %s already applied; skipped", h[:8])
+                continue
+            report.batches.append(self._apply_batch(chunk, h))
+            known.add(h)
+        return report
+
+    def save(self, directory: str | Path) -> None:
+        """Write the editor (config, state, recorded batches) to ``directory`` (safetensors + JSON)."""
+        target = RunStore(directory)
+        if self._store is not None and Path(self._store.root).resolve() == Path(target.root).resolve():
+            self._commit(self._store)
+            return
+        with target.lock():
+            for b in self.batches:
+                for ref in b.get("records", {}).values():
+                    target.put_blob(ref["path"], self._record_store().load_blob(ref))
+            for ref in self._static_refs().values():
+                target.put_blob(ref["path"], self._record_store().load_blob(ref))
+            self._commit(target)
+
+    def attach(self, directory: str | Path) -> None:
+        """Save to ``directory`` and from now on commit every applied batch there."""
+        self.save(directory)
+        self._store = RunStore(directory)
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    def _weights(self) -> dict[int, torch.Tensor]:
+        return {layer: weight_kv(get_module(self.model, name)) for layer, name in self.modules.items()}
+
+    def _dedupe(self, reqs: list[EditRequest]) -> tuple[list[EditRequest], list[tuple[int, int]]]:
+        """Drop earlier duplicates (same subject and prompt) inside the batch; find earlier batches'
+        requests this batch supersedes."""
+        last: dict[tuple[str, str], int] = {}
+        for i, r in enumerate(reqs):
+            last[r.key] = i
+        kept = [r for i, r in enumerate(reqs) if last[r.key] == i]
+        if len(kept) < len(reqs):
+            log.warning("%d request(s) re-edited later in the same batch were dropped", len(reqs) - len(kept))
+        keys = {r.key for r in kept}
+        superseded = []
+        for b in self.batches:
+            for j, rd in enumerate(b["requests"]):
+                if b["active"][j] and EditRequest.from_dict(rd).key in keys:
+                    superseded.append((b["id"], j))
+        return kept, superseded
+
+    def supersede(self, items: list[tuple[int, int]]) -> None:
+        """Called before a batch that re-edits earlier requests ``(batch_id, index)``; the default
+        keeps them (editors without retraction simply overwrite)."""
+        if items:
+            log.info(
+                "%d earlier request(s) are re-edited; %s cannot retract them first", len(items), self.name
+            )
+
+    def _apply_batch(self, reqs: list[EditRequest], h: str) -> BatchReport:
+        t_start = time.perf_counter()
+        reqs, superseded = self._dedupe(reqs)
+        batch_id = (self.batches[-1]["id"] + 1) if self.batches else 0
+        report = BatchReport(batch_id=batch_id, n_requests=len(reqs), superseded=superseded)
+        weights = self._weights()
+        snapshot = {layer: w.detach().clone() for layer, w in weights.items()}
+        state_snapshot = {layer: dict(st) for layer, st in self.layer_state.items()}
+        batches_snapshot = [dict(b, active=list(b["active"])) for b in self.batches]
+        try:
+            if superseded:
+                self.supersede(superseded)
+            pendings, timings = self._locate_and_solve(reqs, report)
+            report.timings.update(timings)
+            records = self._write_records(batch_id, pendings)
+            for layer, p in pendings.items():
+                self.layer_state[layer] = p.state
+            self.batches.append(
+                {
+                    "id": batch_id,
+                    "hash": h,
+                    "requests": [r.to_dict() for r in reqs],
+                    "active": [1] * len(reqs),
+                    "records": records,
+                }
+            )
+            self.after_batch()
+            t_save = time.perf_counter()
+            if self._store is not None:
+                self._commit(self._store)
+            report.timings["save"] = time.perf_counter() - t_save
+        except BaseException:
+            with torch.no_grad():
+                for layer, w in weights.items():
+                    w.copy_(snapshot[layer])
+            self.layer_state = state_snapshot
+            self.batches = batches_snapshot
+            raise
+        report.timings["total"] = time.perf_counter() - t_start
+        return report
+
+    def _locate_and_solve(
+        self, reqs: list[EditRequest], report: BatchReport
+    ) -> tuple[dict[int, _Pending], dict[str, float]]:
+        cfg = self.config
+        last_layer = cfg.layers[-1]
+        read = block_name(self.model, last_layer)
+        t0 = time.perf_counter()
+        tr = compute_targets(self.model, self.tokenizer, reqs, last_layer, self.templates, cfg.targets)
+        z = tr.z
+        report.target_nll_init = float(tr.nll_init.mean())
+        report.target_nll_final = float(tr.nll_final.mean())
+        timings = {"targets": time.perf_counter() - t0, "keys": 0.0, "update": 0.0}
+        pendings: dict[int, _Pending] = {}
+        weights = self._weights()
+        for i, layer in enumerate(cfg.layers):
+            t1 = time.perf_counter()
+            K = compute_keys(self.model, self.tokenizer, reqs, self.modules[layer], self.templates)
+            cur = compute_hidden(self.model, self.tokenizer, reqs, read)
+            timings["keys"] += time.perf_counter() - t1
+            t2 = time.perf_counter()
+            resid = (z - cur).to(torch.float64)
+            if i == 0:
+                report.residual_before = float(resid.norm(dim=1).mean())
+            E = resid / (len(cfg.layers) - i)
+            W = weights[layer]
+            p = self.solve(layer, K.to(torch.float64), E, W.detach())
+            self._check_delta(layer, p.delta, W)
+            add_delta_kv(get_module(self.model, self.modules[layer]), p.delta)
+            pendings[layer] = p
+            report.layers[layer] = {
+                "residual_norm": float(E.norm(dim=1).mean()),
+                "delta_norm": float(p.delta.norm()),
+                "weight_norm": float(W.norm()),
+            }
+            timings["update"] += time.perf_counter() - t2
+        cur = compute_hidden(self.model, self.tokenizer, reqs, read)
+        report.residual_after = float((z - cur).norm(dim=1).mean())
+        return pendings, timings
+
+    def _check_delta(self, layer: int, delta: torch.Tensor, W: torch.Tensor) -> None:
+        if not torch.isfinite(delta).all():
+            raise EditError(f"layer {layer}: the update is not finite; the batch was rolled back")
+        ratio = float(delta.detach().norm() / W.detach().norm().clamp_min(1e-12))
+        if ratio > self.config.max_delta_ratio:
+            raise EditError(
+                f"layer {layer}: the update's norm is {ratio:.3g} x the weight's (bound "
+                f"max_delta_ratio={self.config.max_delta_ratio}); the batch was rolled back"
+            )
+
+    # -- persistence ------------------------------------------------------------------------------------
+
+    def _record_store(self) -> RunStore:
+        if self._store is not None:
+            return self._store
+        if self._scratch is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="rlsedit-")
+        return RunStore(self._scratch.name)
+
+    def _static_refs(self) -> dict[str, dict]:
+        return getattr(self, "_static", {})
+
+    def _write_records(self, batch_id: int, pendings: dict[int, _Pending]) -> dict[str, dict]:
+        refs = {}
+        store = self._record_store()
+        for layer, p in pendings.items():
+            if p.record:
+                refs[str(layer)] = store.put_blob(
+                    f"batches/{batch_id:06d}-layer{layer}.safetensors", p.record
+                )
+        return refs
+
+    def _ensure_static(self, store: RunStore) -> dict[str, dict]:
+        """W0, Sigma and the templates are written once per run directory, as immutable blobs."""
+        static = self._static_refs()
+        if not static:
+            src = self._record_store()
+            static = {
+                "W0": src.put_blob(
+                    "static/W0.safetensors", {str(k): v.contiguous() for k, v in self.W0.items()}
+                )
+            }
+            if self.sigmas:
+                static["sigma"] = src.put_blob(
+                    "static/sigma.safetensors", {str(k): v for k, v in self.sigmas.items()}
+                )
+            self._static = static
+        if store is not self._record_store():
+            for ref in static.values():
+                store.put_blob(ref["path"], self._record_store().load_blob(ref))
+        return static
+
+    def _commit(self, store: RunStore) -> None:
+        static = self._ensure_static(store)
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        for layer, st in self.layer_state.items():
+            if st:
+                state[f"layer{layer}"] = st
+        state["weights"] = {str(layer): w.detach().contiguous() for layer, w in self._weights().items()}
+        manifest = {
+            "kind": RUN_FORMAT,
+            "method": self.name,
+            "config": self.config.to_dict(),
+            "modules": {str(k): v for k, v in self.modules.items()},
+            "templates": self.templates,
+            "static": static,
+            "batches": self.batches,
+            "model": {"model_type": self.model.config.model_type, "load_name": self.load_name},
+        }
+        store.commit(state, manifest)
+
+    def _restore(self, store: RunStore, manifest: dict) -> None:
+        self._store = store
+        self.load_name = manifest.get("model", {}).get("load_name")
+        self.templates = list(manifest["templates"])
+        self._static = manifest["static"]
+        self.batches = manifest["batches"]
+        w0 = store.load_blob(self._static["W0"])
+        self.W0 = {layer: w0[str(layer)] for layer in self.config.layers}
+        self.sigmas = {}
+        if "sigma" in self._static:
+            s = store.load_blob(self._static["sigma"])
+            self.sigmas = {layer: s[str(layer)] for layer in self.config.layers}
+        weights = store.load_state("weights")
+        for layer, name in self.modules.items():
+            module = get_module(self.model, name)
+            w = weight_kv(module)
+            saved = weights[str(layer)]
+            if tuple(saved.shape) != tuple(w.shape):
+                raise ValueError(
+                    f"{name}: saved weight has shape {tuple(saved.shape)}, model has {tuple(w.shape)}"
+                )
+            base = self.W0[layer].to(w.dtype)
+            if not (torch.equal(w.detach().cpu(), base) or torch.equal(w.detach().cpu(), saved.to(w.dtype))):
+                raise ValueError(
+                    f"{name}: the model is neither the base model of this run nor its edited state"
+                )
+            with torch.no_grad():
+                w.copy_(saved.to(device=w.device, dtype=w.dtype))
+        for layer in self.config.layers:
+            try:
+                self.layer_state[layer] = store.load_state(f"layer{layer}")
+            except KeyError:
+                self.layer_state[layer] = {}
+
+    def load_record(self, batch: dict, layer: int) -> dict[str, torch.Tensor]:
+        """The recorded tensors of ``batch`` at ``layer`` (read from disk)."""
+        return self._record_store().load_blob(batch["records"][str(layer)])
+
+    def weight_deltas(self) -> dict[str, torch.Tensor]:
+        """``{module_name: W - W0}`` of shape ``(d_k, d_v)`` for every edited module."""
+        return {
+            self.modules[layer]: (w.detach().cpu().to(torch.float32) - self.W0[layer].cpu().float())
+            for layer, w in self._weights().items()
+        }
+
+
+Callback = Callable[[BatchReport], None]

@@ -1,0 +1,212 @@
+"""RLSEdit: soft recursive least squares over the stream of edits (arXiv 2601.15686).
+
+Per edited layer the editor carries ``C_t = A_t^{-1}`` (``d_k x d_k``), where
+``A_t = lambda^2 I + mu^2 Sigma + sum_s K_s K_s^T``, and updates ``W`` by the Woodbury recursion of
+:func:`rlsedit.linalg.rls_step`, so that after every batch ``W_t`` minimises
+
+    sum_s ||K_s^T W - V_s||^2 + lambda^2 ||W - W_0||^2 + mu^2 ||K_0^T (W - W_0)||^2
+
+with a per-batch cost that does not grow with the number of edits. The recorded targets are
+``V_t = K_t^T W_{t-1} + E_t`` (E_t: this layer's share of the residual). Recorded ``K_s`` and ``V_s`` are
+written to the run directory, so any batch, or one request, can be retracted exactly later.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from rlsedit.editors.base import EditorConfig, LocateThenEditEditor, _Pending, register_editor
+from rlsedit.linalg import drift, initial_inverse, reinvert, rls_retract, rls_step
+from rlsedit.models.arch import add_delta_kv, get_module
+
+__all__ = ["RLSEditConfig", "RLSEditor"]
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+@dataclass
+class RLSEditConfig(EditorConfig):
+    """RLSEdit settings.
+
+    Attributes:
+        lam: lambda, the pull toward ``W_0`` in every direction (keep > 0 so ``C_0`` is well conditioned).
+        mu: the anchor: ``mu^2`` is the weight of the key second moment (the authors' ``mom2_update_weight``).
+        state_dtype: dtype of ``C_t`` ("float64" or "float32").
+        drift_check_every: check ``||A_t C_t - I||`` every this many batches (0: never).
+        drift_bound: re-invert ``A_t`` when the drift passes this (default: 1e-6 in float64, 1e-3 in float32).
+    """
+
+    lam: float = 1.0
+    mu: float = 31.6
+    state_dtype: str = "float64"
+    drift_check_every: int = 10
+    drift_bound: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lam < 0 or self.mu < 0:
+            raise ValueError("lam and mu must be >= 0")
+        if self.lam == 0 and self.mu == 0:
+            raise ValueError("lam and mu cannot both be 0 (C_0 would not exist)")
+        if self.state_dtype not in _DTYPES:
+            raise ValueError(f"state_dtype must be one of {sorted(_DTYPES)}")
+        if self.drift_check_every < 0:
+            raise ValueError("drift_check_every must be >= 0")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.state_dtype]
+
+    @property
+    def bound(self) -> float:
+        if self.drift_bound is not None:
+            return self.drift_bound
+        return 1e-6 if self.dtype == torch.float64 else 1e-3
+
+
+@register_editor
+class RLSEditor(LocateThenEditEditor):
+    """The RLSEdit editor (see the module docstring)."""
+
+    name: ClassVar[str] = "rlsedit"
+    config_class: ClassVar[type[EditorConfig]] = RLSEditConfig
+    config: RLSEditConfig
+
+    def init_layer_state(
+        self, layer: int, W0: torch.Tensor, sigma: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        assert sigma is not None
+        C0 = initial_inverse(sigma, cfg.lam, cfg.mu, dtype=cfg.dtype)
+        eye = torch.eye(sigma.shape[0], dtype=torch.float64)
+        A0 = cfg.lam**2 * eye + cfg.mu**2 * sigma.to(torch.float64)
+        return {"C": C0, "A": A0}
+
+    def solve(self, layer: int, K: torch.Tensor, E: torch.Tensor, W: torch.Tensor) -> _Pending:
+        st = self.layer_state[layer]
+        W64 = W.to(torch.float64).cpu()
+        # The recorded K and V are float32; the update uses exactly the recorded values so that
+        # retraction later removes exactly what was added.
+        K32 = K.to(torch.float32).cpu()
+        V32 = (K32.to(torch.float64).T @ W64 + E.cpu()).to(torch.float32)
+        K64, V64 = K32.to(torch.float64), V32.to(torch.float64)
+        C_next, W_next = rls_step(st["C"], W64, K64, V64)
+        delta = W_next - W64
+        return _Pending(
+            delta=delta,
+            state={"C": C_next, "A": st["A"] + K64 @ K64.T},
+            record={"K": K32.contiguous(), "V": V32.contiguous()},
+        )
+
+    def after_batch(self) -> None:
+        every = self.config.drift_check_every
+        if every and len(self.batches) % every == 0:
+            self.check_drift()
+
+    def check_drift(self) -> dict[int, float]:
+        """``||A_t C_t - I||`` per layer; re-inverts ``A_t`` where it passes the bound."""
+        out = {}
+        for layer, st in self.layer_state.items():
+            d = drift(st["C"], st["A"])
+            out[layer] = d
+            if d > self.config.bound:
+                log.warning("layer %d: drift %.3g > %.3g; re-inverting A_t", layer, d, self.config.bound)
+                st["C"] = reinvert(st["A"], self.config.dtype)
+        return out
+
+    # -- retraction -------------------------------------------------------------------------------------
+
+    def supersede(self, items: list[tuple[int, int]]) -> None:
+        """Retract the earlier requests that this batch re-edits (same subject and prompt)."""
+        by_batch: dict[int, list[int]] = {}
+        for b, j in items:
+            by_batch.setdefault(b, []).append(j)
+        for b, idx in by_batch.items():
+            log.info("retracting %d superseded request(s) of batch %d", len(idx), b)
+            self._retract(b, idx, commit=False)
+
+    def retract(self, batch_id: int, index: int | None = None) -> dict[str, Any]:
+        """Take back batch ``batch_id`` (or only its request ``index``), keeping every other edit.
+
+        The result is the exact minimiser of the objective without that batch (or request). The later
+        batches' keys and targets were computed with it applied, so this is not the model as it was
+        before it: measure what it restores. Raises ``RetractionError`` (nothing changed) when the batch
+        dominates its key directions so that the downdate is numerically unsafe.
+
+        Returns:
+            ``{"batch": id, "requests": [indices], "layers": {layer: ||dW||_F}}``.
+        """
+        idx = None if index is None else [int(index)]
+        return self._retract(batch_id, idx, commit=True)
+
+    def retract_request(self, subject: str, prompt: str) -> dict[str, Any]:
+        """Retract the active request with this subject and prompt (``{}`` form or literal)."""
+        from rlsedit.requests import EditRequest
+
+        key = EditRequest(prompt=prompt, subject=subject, target_new="_").key
+        for b in self.batches:
+            for j, rd in enumerate(b["requests"]):
+                if b["active"][j] and EditRequest.from_dict(rd).key == key:
+                    return self.retract(b["id"], j)
+        raise KeyError(f"no active request edits subject {subject!r} with prompt {prompt!r}")
+
+    def _find_batch(self, batch_id: int) -> dict:
+        for b in self.batches:
+            if b["id"] == batch_id:
+                return b
+        raise KeyError(f"no batch {batch_id} in this run (batches: {[b['id'] for b in self.batches]})")
+
+    def _retract(self, batch_id: int, indices: list[int] | None, commit: bool) -> dict[str, Any]:
+        batch = self._find_batch(batch_id)
+        active = [j for j, a in enumerate(batch["active"]) if a]
+        if indices is None:
+            cols = active
+        else:
+            for j in indices:
+                if not 0 <= j < len(batch["active"]):
+                    raise IndexError(f"batch {batch_id} has {len(batch['active'])} requests; no index {j}")
+                if not batch["active"][j]:
+                    raise ValueError(f"request {j} of batch {batch_id} is already retracted")
+            cols = sorted(indices)
+        if not cols:
+            raise ValueError(f"batch {batch_id} has no active request left to retract")
+        weights = self._weights()
+        new: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for layer in self.config.layers:  # compute everything first: all-or-nothing
+            rec = self.load_record(batch, layer)
+            K = rec["K"][:, cols].to(torch.float64)
+            V = rec["V"][cols].to(torch.float64)
+            st = self.layer_state[layer]
+            W64 = weights[layer].detach().to(torch.float64).cpu()
+            C_new, W_new = rls_retract(st["C"], W64, K, V)
+            new[layer] = (C_new, W_new - W64, st["A"] - K @ K.T)
+        snapshot = {layer: w.detach().clone() for layer, w in weights.items()}
+        old_state = {layer: dict(st) for layer, st in self.layer_state.items()}
+        old_active = list(batch["active"])
+        try:
+            for layer, (C_new, dW, A_new) in new.items():
+                self._check_delta(layer, dW, weights[layer])
+                add_delta_kv(get_module(self.model, self.modules[layer]), dW)
+                self.layer_state[layer] = {"C": C_new, "A": A_new}
+            for j in cols:
+                batch["active"][j] = 0
+            if commit and self._store is not None:
+                self._commit(self._store)
+        except BaseException:
+            with torch.no_grad():
+                for layer, w in weights.items():
+                    w.copy_(snapshot[layer])
+            self.layer_state = old_state
+            batch["active"] = old_active
+            raise
+        return {
+            "batch": batch_id,
+            "requests": cols,
+            "layers": {layer: float(v[1].norm()) for layer, v in new.items()},
+        }

@@ -1,0 +1,235 @@
+"""Second moment ``E[k k^T]`` of a layer's keys over a text corpus.
+
+Keys are the inputs of the edited projection (``d_k``) at every non-padding token. The sums are streamed
+in float64 with a progress bar, written to a cache keyed by the model's fingerprint, the module, the
+corpus and the sample count, and resumed from the last checkpoint if a run was interrupted. Under
+``torch.distributed`` each rank streams its own shard (texts ``rank::world_size``) and the sums are
+all-reduced, so the result equals the single-process one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rlsedit.hooks import trace
+from rlsedit.models.load import model_fingerprint
+from rlsedit.store import CorruptStateError, load_tensors, save_tensors
+
+__all__ = ["second_moments", "stats_cache_dir", "corpus_texts"]
+
+log = logging.getLogger(__name__)
+
+#: Format version of cached statistics; bump when the computation changes.
+STATS_VERSION = 1
+
+
+def stats_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where statistics are cached: ``cache_dir``, else ``$RLSEDIT_CACHE/stats``, else
+    ``~/.cache/rlsedit/stats`` (``$XDG_CACHE_HOME`` respected)."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    root = os.environ.get("RLSEDIT_CACHE")
+    if root:
+        return Path(root) / "stats"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "rlsedit" / "stats"
+
+
+def corpus_texts(corpus: str | os.PathLike | None = None) -> tuple[list[str], str]:
+    """Texts of a corpus and an identifier for cache keys.
+
+    ``None`` or ``"wikipedia-leads"`` is the bundled Wikipedia corpus; otherwise a path to a JSONL file
+    with a ``text`` field per line or to a plain text file (one passage per non-blank line).
+    """
+    if corpus is None or str(corpus) == "wikipedia-leads":
+        from rlsedit.datasets import load_wikipedia_leads
+
+        return load_wikipedia_leads(), "wikipedia-leads"
+    path = Path(corpus)
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file {path} does not exist")
+    import json
+
+    raw = path.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    texts: list[str] = []
+    for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            obj = json.loads(line)
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise ValueError(f"{path} line {n}: expected an object with a string field 'text'")
+            texts.append(obj["text"])
+        else:
+            texts.append(line)
+    return texts, f"{path.stem}-{digest}"
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def _accumulate(
+    model: nn.Module,
+    tokenizer,
+    module_names: Sequence[str],
+    texts: Sequence[str],
+    max_len: int,
+    batch_size: int,
+    sums: dict[str, torch.Tensor],
+    count: int,
+    done: int,
+    checkpoint,
+    progress: bool,
+) -> int:
+    device = next(model.parameters()).device
+    bar = tqdm(total=len(texts), initial=done, desc="second moment", unit="text", disable=not progress)
+    for start in range(done, len(texts), batch_size):
+        chunk = list(texts[start : start + batch_size])
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_len)
+        mask = enc["attention_mask"].to(device).bool()
+        with trace(model, module_names, capture_input=True, capture_output=False, stop=True) as tr:
+            model(input_ids=enc["input_ids"].to(device), attention_mask=mask.long(), use_cache=False)
+        for name in module_names:
+            x = tr[name].input[mask].to(torch.float64)
+            sums[name] += (x.T @ x).to(sums[name].device)
+        count += int(mask.sum())
+        done = start + len(chunk)
+        bar.update(len(chunk))
+        checkpoint(done, count)
+    bar.close()
+    return count
+
+
+def second_moments(
+    model: nn.Module,
+    tokenizer,
+    module_names: Sequence[str],
+    samples: int = 1000,
+    corpus: str | os.PathLike | None = None,
+    max_len: int = 128,
+    batch_size: int = 8,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+    checkpoint_every: int = 50,
+) -> dict[str, torch.Tensor]:
+    """Uncentred second moment ``Sigma = E[k k^T]`` (float64, ``(d_k, d_k)``) per module in ``module_names``.
+
+    Args:
+        module_names: edited projections (their inputs are the keys).
+        samples: number of corpus texts (the first ``samples``), each truncated to ``max_len`` tokens.
+        corpus: see :func:`corpus_texts`.
+        cache_dir: see :func:`stats_cache_dir`; ``use_cache=False`` neither reads nor writes it.
+    Returns:
+        ``{module_name: Sigma}`` on CPU.
+    """
+    if samples < 1 or max_len < 2 or batch_size < 1:
+        raise ValueError("samples >= 1, max_len >= 2 and batch_size >= 1 are required")
+    texts, corpus_id = corpus_texts(corpus)
+    if samples > len(texts):
+        raise ValueError(f"the corpus {corpus_id!r} has only {len(texts)} texts; asked for {samples}")
+    texts = texts[:samples]
+    rank, world = _dist()
+    shard = texts[rank::world]
+    key = f"v{STATS_VERSION}-{corpus_id}-n{samples}-len{max_len}"
+    folder = stats_cache_dir(cache_dir) / model_fingerprint(model) / key
+    names = list(module_names)
+    result: dict[str, torch.Tensor] = {}
+    if use_cache:
+        for name in names:
+            path = folder / f"{name}.safetensors"
+            if path.is_file():
+                try:
+                    t = load_tensors(path)
+                    result[name] = t["sum"] / float(t["count"].item())
+                except CorruptStateError as exc:
+                    log.warning("ignoring a corrupt statistics file: %s", exc)
+        if len(result) == len(names):
+            log.info("second moments loaded from %s", folder)
+            return result
+    todo = [n for n in names if n not in result]
+    d = {}
+    for n in todo:
+        from rlsedit.models.arch import get_module, kv_dims
+
+        d[n] = kv_dims(get_module(model, n))[0]
+    sums = {n: torch.zeros(d[n], d[n], dtype=torch.float64) for n in todo}
+    count, done = 0, 0
+    partial = folder / f"partial-rank{rank}of{world}.safetensors"
+    if use_cache and partial.is_file():
+        try:
+            t = load_tensors(partial)
+            if set(k for k in t if k.startswith("sum:")) == {f"sum:{n}" for n in todo}:
+                sums = {n: t[f"sum:{n}"] for n in todo}
+                count, done = int(t["count"].item()), int(t["done"].item())
+                log.info("resuming statistics at text %d of %d", done, len(shard))
+        except CorruptStateError as exc:
+            log.warning("ignoring a corrupt partial statistics file: %s", exc)
+
+    state = {"last": done}
+
+    def checkpoint(done_now: int, count_now: int) -> None:
+        if not use_cache or done_now - state["last"] < checkpoint_every or done_now >= len(shard):
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"sum:{n}": sums[n] for n in todo}
+        tensors["count"] = torch.tensor(count_now, dtype=torch.int64)
+        tensors["done"] = torch.tensor(done_now, dtype=torch.int64)
+        save_tensors(partial, tensors)
+        state["last"] = done_now
+
+    count = _accumulate(
+        model,
+        tokenizer,
+        todo,
+        shard,
+        max_len,
+        batch_size,
+        sums,
+        count,
+        done,
+        checkpoint,
+        progress and rank == 0,
+    )
+    if world > 1:
+        dev = (
+            torch.device("cuda", torch.cuda.current_device())
+            if (torch.distributed.get_backend() == "nccl")
+            else torch.device("cpu")
+        )
+        for n in todo:
+            buf = sums[n].to(dev)
+            torch.distributed.all_reduce(buf)
+            sums[n] = buf.cpu()
+        c = torch.tensor([count], dtype=torch.float64, device=dev)
+        torch.distributed.all_reduce(c)
+        count = int(c.item())
+    if count == 0:
+        raise ValueError("the corpus produced no tokens")
+    for n in todo:
+        result[n] = sums[n] / count
+        if use_cache and rank == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            save_tensors(
+                folder / f"{n}.safetensors",
+                {"sum": sums[n], "count": torch.tensor(count, dtype=torch.int64)},
+                {"module": n, "corpus": corpus_id, "samples": str(samples), "max_len": str(max_len)},
+            )
+    if use_cache and partial.is_file():
+        partial.unlink()
+    log.info("second moments of %d modules over %d tokens", len(todo), count)
+    return result
