@@ -1,4 +1,4 @@
-"""The ``rlsedit`` command line: ``edit | retract | export | stats | demo | methods``."""
+"""The ``rlsedit`` command line: ``edit | retract | export | stats | run | report | demo | methods``."""
 
 from __future__ import annotations
 
@@ -36,6 +36,31 @@ def _overrides(items: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _check_same_overrides(editor: Any, overrides: dict[str, Any], run: Path) -> None:
+    """On resume, ``--set`` may only repeat the run's settings (so the same command can be re-run)."""
+    from rlsedit.editors.base import build_config
+
+    current = editor.config.to_dict()
+    wanted = build_config(type(editor.config), current, overrides).to_dict()
+    changed = sorted(k for k in wanted if wanted[k] != current[k])
+    if changed:
+        raise SystemExit(
+            f"rlsedit: run {run} was created with other settings ({', '.join(changed)}); "
+            "--set cannot change a run's settings"
+        )
+
+
 def _load(args: argparse.Namespace, default: str = "smollm2-135m"):
     from rlsedit.models.load import load_model
 
@@ -67,29 +92,64 @@ def _run_model_name(run: Path) -> str | None:
     return None if m is None else m.get("model", {}).get("load_name")
 
 
-def cmd_edit(args: argparse.Namespace) -> int:
-    from rlsedit.editors import load_editor, make_editor
-    from rlsedit.requests import read_requests_jsonl
+def _has_run(run: Path) -> bool:
+    """Whether ``run`` holds a committed run (a manifest; its validity is checked when it is loaded)."""
     from rlsedit.store import RunStore
 
-    requests = read_requests_jsonl(args.requests)  # validates every line before anything is loaded
+    return (run / RunStore.MANIFEST).exists()
+
+
+def _check_requests(editor: Any, requests: list[Any], lines: list[int], source: str) -> None:
+    """The editor's checks of the requests against the model, errors naming the line in ``source``."""
+    from rlsedit.requests import RequestError
+
+    check = getattr(editor, "check_requests", None)
+    if check is None:
+        return
+    try:
+        check(requests)
+    except RequestError as err:
+        if err.unit == "index" and err.record is not None and 0 <= err.record < len(lines):
+            raise err.located(lines[err.record], source=source, unit="line") from None
+        raise
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from rlsedit.editors import load_editor, make_editor
+    from rlsedit.requests import RequestError, read_requests_jsonl_numbered
+    from rlsedit.store import RunStore
+
+    # Every line is validated before anything is loaded, and every request against the model before the
+    # run directory is created or changed.
+    numbered = read_requests_jsonl_numbered(args.requests)
+    source = Path(args.requests).name
+    if not numbered:
+        raise RequestError("no requests in the file", source=source)
+    lines = [number for number, _ in numbered]
+    requests = [request for _, request in numbered]
+    overrides = _overrides(args.set)
     run = Path(args.run)
     previous = _run_model_name(run)
     if previous and args.model and args.model != previous:
         raise SystemExit(f"rlsedit: run {run} was made with --model {previous}, not {args.model}")
     args.model = args.model or previous
     name, model, tok = _load(args)
+    fresh = None
+    if not _has_run(run):  # a new run: check everything before the directory is created
+        fresh = make_editor(args.method, model, tok, stats_dir=args.stats, **overrides)
+        _check_requests(fresh, requests, lines, source)
     store = RunStore(run)
     with store.lock():
         if store.load_manifest() is not None:
-            editor = load_editor(run, model, tok)
+            editor = load_editor(store, model, tok)  # this store: it holds the lock
             if editor.name != args.method:
                 raise SystemExit(f"rlsedit: run {run} uses method {editor.name}, not {args.method}")
-            if args.set:
-                raise SystemExit("rlsedit: --set applies only when a run is created")
+            _check_same_overrides(editor, overrides, run)
+            _check_requests(editor, requests, lines, source)
             log.info("resuming %s: %d batches already applied", run, len(editor.batches))
         else:
-            editor = make_editor(args.method, model, tok, stats_dir=args.stats, **_overrides(args.set))
+            editor = fresh or make_editor(args.method, model, tok, stats_dir=args.stats, **overrides)
+            _check_requests(editor, requests, lines, source)
             editor.load_name = name
             editor._store = store
             editor.save(run)
@@ -117,7 +177,7 @@ def cmd_retract(args: argparse.Namespace) -> int:
     _, model, tok = _load(args)
     store = RunStore(run, create=False)
     with store.lock():
-        editor = load_editor(run, model, tok)
+        editor = load_editor(store, model, tok)  # this store: it holds the lock
         if not hasattr(editor, "retract"):
             raise SystemExit(f"rlsedit: method {editor.name} cannot retract edits")
         result = editor.retract(args.batch, args.request)
@@ -163,6 +223,50 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from rlsedit.experiment import ExperimentSpec, run_experiment
+
+    spec = ExperimentSpec(
+        model=args.model or "smollm2-135m",
+        method=args.method,
+        dataset=args.dataset,
+        split=args.split,
+        edits=args.edits,
+        offset=args.offset,
+        batch_size=args.batch_size,
+        eval_every=args.eval_every,
+        overrides=_overrides(args.set),
+    )
+    res = run_experiment(
+        spec,
+        args.out,
+        device=args.device,
+        dtype=args.dtype,
+        stats_dir=args.stats,
+        command="rlsedit " + " ".join(sys.argv[1:]),
+    )
+    _out(f"{'':16}{'efficacy':>10}{'general.':>10}{'specif.':>10}")
+    for label, s in (("before editing", res["pre"]), (f"after {res['edits']} edits", res["post"])):
+        _out(f"{label:16}" + "".join(f"{s[k]:10.1f}" for k in ("efficacy", "generalization", "specificity")))
+    per = res["timings"]["per_edit"]
+    if per:
+        _out(
+            "seconds per edit: "
+            + ", ".join(f"{k} {per[k]:.2f}" for k in ("targets", "keys", "update", "total") if k in per)
+        )
+    _out(f"results: {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from rlsedit.report import write_report
+
+    keys = [k for k in (args.columns or "").split(",") if k]
+    path = write_report(args.runs, args.out, label_keys=keys, plots=not args.no_plots)
+    _out(path.read_text(encoding="utf-8"))
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from rlsedit.editors import list_editors
 
@@ -194,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--method", default="rlsedit", help="editor name (see `rlsedit methods`)")
     e.add_argument("--requests", required=True, help="JSONL file of requests")
     e.add_argument("--run", required=True, help="run directory (created, or resumed if it exists)")
-    e.add_argument("--batch-size", type=int, default=100)
+    e.add_argument("--batch-size", type=_positive_int, default=100)
     e.add_argument("--stats", default=None, help="folder of cached second-moment statistics")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (JSON)")
     e.set_defaults(func=cmd_edit)
@@ -228,6 +332,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-n", type=int, default=4, help="number of facts")
     d.set_defaults(func=cmd_demo)
 
+    rn = sub.add_parser("run", help="a sequential editing experiment on CounterFact, scored; resumable")
+    _add_model_args(rn)
+    rn.add_argument("--method", default="rlsedit")
+    rn.add_argument("--dataset", default="counterfact", choices=["counterfact"])
+    rn.add_argument("--split", default="test", choices=["test", "tune"], help="test: held out; tune: sweeps")
+    rn.add_argument("--edits", type=int, default=200)
+    rn.add_argument("--offset", type=int, default=0, help="skip this many cases of the split first")
+    rn.add_argument("--batch-size", type=int, default=100)
+    rn.add_argument("--eval-every", type=int, default=0, help="score every K edits (0: only at the end)")
+    rn.add_argument("--out", required=True, help="experiment folder (resumed if it exists)")
+    rn.add_argument("--stats", default=None, help="folder of cached second-moment statistics")
+    rn.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (JSON)")
+    rn.set_defaults(func=cmd_run)
+
+    rp = sub.add_parser("report", help="side-by-side table and curves of experiment folders")
+    rp.add_argument("runs", nargs="+", help="experiment folders written by `rlsedit run`")
+    rp.add_argument("--out", required=True, help="folder for REPORT.md and metrics.png")
+    rp.add_argument("--columns", default="", help="config keys shown as columns, e.g. mu,layers")
+    rp.add_argument("--no-plots", action="store_true")
+    rp.set_defaults(func=cmd_report)
+
     m = sub.add_parser("methods", help="list the registered editors")
     m.set_defaults(func=cmd_methods)
     return p
@@ -249,6 +374,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RequestError as exc:
         sys.stderr.write(f"rlsedit: invalid request: {exc}\n")
         return 2
-    except (FileNotFoundError, ValueError, KeyError, NotImplementedError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, NotImplementedError, RuntimeError) as exc:
         sys.stderr.write(f"rlsedit: error: {exc}\n")
         return 1

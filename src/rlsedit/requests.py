@@ -33,6 +33,7 @@ __all__ = [
     "RequestError",
     "parse_request",
     "read_requests_jsonl",
+    "read_requests_jsonl_numbered",
     "validate_batch",
     "write_requests_jsonl",
 ]
@@ -376,10 +377,16 @@ def read_requests_jsonl(path: str | PathLike[str]) -> list[EditRequest]:
     All or nothing: the first bad line (invalid UTF-8, not JSON, not an object, or an invalid request)
     raises :class:`RequestError` naming the file and line (1-based); nothing is returned partially.
     """
+    return [request for _, request in read_requests_jsonl_numbered(path)]
+
+
+def read_requests_jsonl_numbered(path: str | PathLike[str]) -> list[tuple[int, EditRequest]]:
+    """As :func:`read_requests_jsonl`, with each request's line number (1-based), so that a later check
+    of request ``i`` (e.g. against a model) can name its line."""
     path = Path(path)
     data = path.read_bytes()
     source = path.name
-    requests: list[EditRequest] = []
+    requests: list[tuple[int, EditRequest]] = []
     for number, raw in enumerate(data.split(b"\n"), start=1):
         raw = raw.removesuffix(b"\r")
         if number == 1:
@@ -399,7 +406,7 @@ def read_requests_jsonl(path: str | PathLike[str]) -> list[EditRequest]:
             raise RequestError(
                 f"not valid JSON ({reason})", record=number, source=source, unit="line"
             ) from None
-        requests.append(parse_request(obj, number, source=source, unit="line"))
+        requests.append((number, parse_request(obj, number, source=source, unit="line")))
     return requests
 
 

@@ -750,20 +750,12 @@ class RunStore:
 
     # ---- blobs ------------------------------------------------------------------------------------------
 
-    def put_blob(
-        self, relpath: str, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
-    ) -> dict[str, str]:
-        """Write an immutable safetensors blob at ``root/relpath``; return ``{"path", "sha256"}``.
-
-        ``relpath`` is a relative POSIX path ending in ``.safetensors`` outside ``state/`` (e.g.
-        ``"batches/000005.safetensors"``). If the blob exists with the same content (tensors and metadata)
-        its reference is returned and nothing is written, so re-running a step after a crash is harmless;
-        different content raises FileExistsError; an existing corrupt blob raises CorruptStateError.
-        """
+    def _blob_path(self, relpath: object, what: str) -> Path:
+        """root/relpath for a valid blob path (ValueError otherwise)."""
         if not isinstance(relpath, str) or not relpath.endswith(".safetensors"):
             raise ValueError(f"blob path must be a relative path ending in .safetensors, got {relpath!r}")
         try:
-            path = self._resolve(relpath, "put_blob")
+            path = self._resolve(relpath, what)
         except CorruptStateError as e:
             raise ValueError(str(e)) from None
         parts = relpath.split("/")
@@ -771,9 +763,32 @@ class RunStore:
             part.startswith(".") for part in parts
         ):
             raise ValueError(f"blob path {relpath!r} is reserved (state/, hidden names, run files)")
+        return path
+
+    def put_blob(
+        self,
+        relpath: str,
+        tensors: Mapping[str, torch.Tensor],
+        metadata: dict[str, str] | None = None,
+        *,
+        replace: bool = False,
+    ) -> dict[str, str]:
+        """Write an immutable safetensors blob at ``root/relpath``; return ``{"path", "sha256"}``.
+
+        ``relpath`` is a relative POSIX path ending in ``.safetensors`` outside ``state/`` (e.g.
+        ``"batches/000005.safetensors"``). If the blob exists with the same content (tensors and metadata)
+        its reference is returned and nothing is written, so re-running a step after a crash is harmless;
+        different content raises FileExistsError; an existing corrupt blob raises CorruptStateError.
+        With ``replace=True`` an existing blob (identical, different or corrupt) is atomically replaced:
+        only for blobs the caller knows no committed manifest references yet (e.g. one left by an attempt
+        that was killed or rolled back before its commit, whose recomputation may differ in the last bit).
+        """
+        path = self._blob_path(relpath, "put_blob")
         data, digest = _serialize_tensors(tensors, metadata)
         with self.lock():
-            if path.exists():
+            if path.exists() and replace:
+                logger.debug("%s: replacing uncommitted blob %s", self.root, relpath)
+            elif path.exists():
                 # Verified read (CorruptStateError if the existing blob is damaged), then compare contents.
                 _, _, existing = _decode_tensors(path, None, verify=True, want_tensors=False)
                 if existing != digest:
@@ -787,12 +802,33 @@ class RunStore:
             atomic_write_bytes(path, data)
         return {"path": relpath, "sha256": sha256_bytes(data)}
 
+    def discard_blob(self, relpath: str) -> bool:
+        """Delete the blob at ``root/relpath`` if it exists; return whether it did.
+
+        Only for blobs no committed manifest references (e.g. those of a batch that was rolled back).
+        """
+        path = self._blob_path(relpath, "discard_blob")
+        with self.lock():
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                return False
+            _fsync_dir(path.parent)
+        logger.debug("%s: discarded uncommitted blob %s", self.root, relpath)
+        return True
+
     def load_blob(
         self, ref: Mapping[str, str], device: torch.device | str = "cpu"
     ) -> dict[str, torch.Tensor]:
-        """Load a blob by the reference :meth:`put_blob` returned, verifying its sha256."""
+        """Load a blob by the reference :meth:`put_blob` returned, verifying its sha256.
+
+        A blob that is missing, truncated or altered raises :class:`CorruptStateError`.
+        """
         path, sha = self._check_ref(dict(ref) if isinstance(ref, Mapping) else ref, "blob reference")
-        return load_tensors(path, expected_sha256=sha, device=device)
+        try:
+            return load_tensors(path, expected_sha256=sha, device=device)
+        except FileNotFoundError:
+            raise CorruptStateError(f"{path}: referenced by the run but missing") from None
 
     # ---- manifest and state -----------------------------------------------------------------------------
 
@@ -906,8 +942,21 @@ class RunStore:
             full["checksum"] = _manifest_checksum(full)
             save_json(self.manifest_path, full)  # <- the commit point
             logger.info("%s: committed generation %d (%d state group(s))", self.root, gen, len(files))
-            self._collect_garbage({ref["path"] for ref in files.values()})
+            try:
+                self._collect_garbage({ref["path"] for ref in files.values()})
+            except OSError as e:  # committed already: a failure to tidy up must not look like a failed commit
+                logger.warning(
+                    "%s: could not remove old state files (%s); the next commit retries", self.root, e
+                )
         return gen
+
+    def tidy(self) -> None:
+        """Remove what a process killed after its commit point left: state files of older generations
+        (normally deleted right after each commit) and temp files. Takes the lock."""
+        with self.lock():
+            manifest = self.load_manifest()
+            if manifest is not None and (self.root / self.STATE_DIR).is_dir():
+                self._collect_garbage({ref["path"] for ref in manifest["files"].values()})
 
     def _collect_garbage(self, referenced: set[str]) -> None:
         """Delete state files not in ``referenced`` and temp files (caller holds the lock)."""

@@ -1,5 +1,6 @@
 """Editors: the protocol, the registry and the built-in methods."""
 
+from rlsedit.editors.alphaedit import AlphaEditConfig, AlphaEditEditor
 from rlsedit.editors.base import (
     BatchReport,
     EditError,
@@ -13,17 +14,28 @@ from rlsedit.editors.base import (
     make_editor,
     register_editor,
 )
+from rlsedit.editors.ft import FTConfig, FTEditor
+from rlsedit.editors.memit import MEMITConfig, MEMITEditor
 from rlsedit.editors.rlsedit import RLSEditConfig, RLSEditor
+from rlsedit.editors.rome import ROMEConfig, ROMEEditor
 
 __all__ = [
+    "AlphaEditConfig",
+    "AlphaEditEditor",
     "BatchReport",
     "EditError",
     "EditReport",
     "Editor",
     "EditorConfig",
+    "FTConfig",
+    "FTEditor",
     "LocateThenEditEditor",
+    "MEMITConfig",
+    "MEMITEditor",
     "RLSEditConfig",
     "RLSEditor",
+    "ROMEConfig",
+    "ROMEEditor",
     "editor_class",
     "list_editors",
     "load_editor",

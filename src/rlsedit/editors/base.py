@@ -42,7 +42,7 @@ from rlsedit.models.arch import (
     weight_kv,
 )
 from rlsedit.requests import EditRequest, RequestError, validate_batch
-from rlsedit.store import RunStore
+from rlsedit.store import CorruptStateError, RunLockedError, RunStore
 
 __all__ = [
     "BatchReport",
@@ -286,26 +286,92 @@ def make_editor(
     return cls(model, tokenizer, config, stats_dir=stats_dir, sigmas=sigmas)
 
 
-def load_editor(directory: str | Path, model: nn.Module, tokenizer: Any, *, attach: bool = True) -> Any:
+def load_editor(
+    directory: str | Path | RunStore, model: nn.Module, tokenizer: Any, *, attach: bool = True
+) -> Any:
     """Resume an editor saved with ``editor.save(directory)`` (or a run of ``rlsedit edit``).
 
+    ``directory`` may be an open :class:`RunStore`: a caller that holds its lock must pass it, since a
+    second store object on the same directory would find the run locked when it commits.
+
     ``model`` must be the base (unedited) model or the model as last saved; the saved edited weights are
-    written into it. With ``attach`` the editor keeps committing each later batch to ``directory``.
+    written into it. With ``attach`` the editor keeps committing each later batch to ``directory``;
+    without, ``directory`` is only read (its records are copied to the editor's scratch store).
     """
-    store = RunStore(directory, create=False)
+    store = directory if isinstance(directory, RunStore) else RunStore(directory, create=False)
     manifest = store.load_manifest()
     if manifest is None or manifest.get("kind") != RUN_FORMAT:
         raise FileNotFoundError(f"{directory} holds no saved editor (no committed manifest)")
     cls = editor_class(manifest["method"])
     config = build_config(cls.config_class, {}, manifest["config"])
     editor = cls(model, tokenizer, config, stats_dir=None, sigmas=None, _restore=(store, manifest))
-    if attach:
-        editor._store = store
+    if not attach:  # _restore read from ``store``; detach it, keeping the records readable
+        editor._store = None
+        scratch = editor._record_store()
+        refs = [ref for b in editor.batches for ref in b.get("records", {}).values()]
+        for ref in [*refs, *editor._static_refs().values()]:
+            scratch.put_blob(ref["path"], store.load_blob(ref))
+    else:  # finish what a crash right after the last commit left undone (if no one else writes now)
+        try:
+            with store.lock():
+                _reconcile_journal(store)
+                store.tidy()
+        except RunLockedError:
+            log.debug("%s is locked by another process; its journal is left as it is", store.root)
     return editor
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The locate-then-edit loop
+
+
+def context_limit(model: nn.Module) -> int | None:
+    """The longest token sequence ``model`` was built for (its position limit), or None if unknown."""
+    config = model.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _journal_entry(generation: int, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The journal entry of a committed generation: a function of its manifest alone, so an entry lost to
+    a crash between the commit and the append is rebuilt exactly."""
+    batches = manifest.get("batches", [])
+    last = batches[-1] if batches else None
+    return {
+        "generation": generation,
+        "method": manifest.get("method"),
+        "n_batches": len(batches),
+        "last_batch": None if last is None else last["id"],
+        "last_hash": None if last is None else last["hash"],
+        "n_active": sum(sum(b["active"]) for b in batches),
+    }
+
+
+def _reconcile_journal(store: RunStore) -> None:
+    """Before a commit: append the entry of the last committed generation if a crash lost it.
+
+    The journal holds one entry per committed generation, appended right after the commit; it may lag
+    the manifest by one entry (killed in between), never more (see :mod:`rlsedit.store`).
+    """
+    prev = store.load_manifest()
+    if prev is None:
+        return
+    n = len(store.journal)
+    if n == prev["journal_length"]:
+        log.info(
+            "%s: adding the journal entry of generation %d (interrupted)", store.root, prev["generation"]
+        )
+        store.journal.append(_journal_entry(prev["generation"], prev))
+    elif n != prev["journal_length"] + 1:
+        raise CorruptStateError(
+            f"{store.journal.path}: {n} entries, but generation {prev['generation']} was committed with "
+            f"{prev['journal_length']} (expected that many or one more)"
+        )
 
 
 def _hash_requests(requests: Sequence[EditRequest]) -> str:
@@ -334,7 +400,9 @@ class LocateThenEditEditor:
     config_class: ClassVar[type[EditorConfig]] = EditorConfig
     #: Whether the editor needs the second-moment statistics.
     needs_stats: ClassVar[bool] = True
-    #: Whether solve() consumes batches one request at a time (ROME).
+    #: Whether a batch is located and solved one request at a time (ROME): each request's targets and
+    #: keys are computed on the model as edited by the requests before it, inside the same
+    #: all-or-nothing batch, and solve() sees one key column at a time.
     one_request_at_a_time: ClassVar[bool] = False
 
     def __init__(
@@ -443,17 +511,19 @@ class LocateThenEditEditor:
 
         Every request is validated first: one bad request refuses the whole call, changing nothing.
         Each batch is all-or-nothing; with a run directory attached each applied batch is committed
-        before the next one starts. A batch identical to one already in the run is skipped.
+        before the next one starts. A batch identical to one already in the run is skipped (resuming a
+        run), unless some of its requests were since retracted by hand: then it is applied again.
         """
-        reqs = validate_batch(list(requests))
+        reqs = validate_batch(requests)
         if not reqs:
             raise RequestError("no requests to apply", record=None, field=None)
+        self.check_requests(reqs)
         size = len(reqs) if batch_size is None else int(batch_size)
         if size < 1:
             raise ValueError("batch_size must be >= 1")
         report = EditReport()
         chunks = [reqs[i : i + size] for i in range(0, len(reqs), size)]
-        known = {b["hash"] for b in self.batches}
+        known = self._applied_hashes()
         for chunk in tqdm(chunks, desc=f"{self.name} batches", unit="batch", disable=not progress):
             h = _hash_requests(chunk)
             if h in known:
@@ -464,24 +534,59 @@ class LocateThenEditEditor:
             known.add(h)
         return report
 
-    def save(self, directory: str | Path) -> None:
+    def _applied_hashes(self) -> set[str]:
+        """Hashes of the batches a repeated ``edit`` call skips: every batch in the run whose inactive
+        requests (if any) were all superseded by a later batch re-editing the same fact. A request
+        superseded that way is still applied (and replaced); skipping such batches keeps a resumed or
+        repeated run from applying them twice. One retracted by hand makes its batch applicable again."""
+        known: set[str] = set()
+        later: set[tuple[str, str]] = set()
+        for b in reversed(self.batches):
+            keys = [EditRequest.from_dict(rd).key for rd in b["requests"]]
+            if all(active or key in later for active, key in zip(b["active"], keys, strict=True)):
+                known.add(b["hash"])
+            later.update(keys)
+        return known
+
+    def check_requests(self, requests: Sequence[EditRequest]) -> None:
+        """Refuse requests too long for the model: the longest context template, the prompt and the new
+        target must fit in its context window. Raises :class:`RequestError` naming the request's index."""
+        limit = context_limit(self.model)
+        if limit is None:
+            return
+        longest = max(self.templates, key=len) if self.templates else ""
+        for index, r in enumerate(requests):
+            n = len(self.tokenizer(longest + r.text + r.target_new_text)["input_ids"])
+            if n > limit:
+                raise RequestError(
+                    f"with its subject, target_new and the longest context template it is {n} tokens long; "
+                    f"the model takes at most {limit}",
+                    record=index,
+                    field="prompt",
+                    unit="index",
+                )
+
+    def save(self, directory: str | Path | RunStore) -> None:
         """Write the editor (config, state, recorded batches) to ``directory`` (safetensors + JSON)."""
-        target = RunStore(directory)
+        target = directory if isinstance(directory, RunStore) else RunStore(directory)
         if self._store is not None and Path(self._store.root).resolve() == Path(target.root).resolve():
             self._commit(self._store)
             return
         with target.lock():
+            fresh = target.load_manifest() is None  # no committed run there: its blobs are leftovers
             for b in self.batches:
                 for ref in b.get("records", {}).values():
-                    target.put_blob(ref["path"], self._record_store().load_blob(ref))
+                    target.put_blob(ref["path"], self._record_store().load_blob(ref), replace=fresh)
             for ref in self._static_refs().values():
-                target.put_blob(ref["path"], self._record_store().load_blob(ref))
+                target.put_blob(ref["path"], self._record_store().load_blob(ref), replace=fresh)
             self._commit(target)
 
-    def attach(self, directory: str | Path) -> None:
-        """Save to ``directory`` and from now on commit every applied batch there."""
-        self.save(directory)
-        self._store = RunStore(directory)
+    def attach(self, directory: str | Path | RunStore) -> None:
+        """Save to ``directory`` (a folder or an open :class:`RunStore`) and from now on commit every
+        applied batch there."""
+        store = directory if isinstance(directory, RunStore) else RunStore(directory)
+        self.save(store)
+        self._store = store
 
     # -- the loop ---------------------------------------------------------------------------------------
 
@@ -522,11 +627,17 @@ class LocateThenEditEditor:
         snapshot = {layer: w.detach().clone() for layer, w in weights.items()}
         state_snapshot = {layer: dict(st) for layer, st in self.layer_state.items()}
         batches_snapshot = [dict(b, active=list(b["active"])) for b in self.batches]
+        records: dict[str, dict] = {}
+        committing = False
         try:
             if superseded:
                 self.supersede(superseded)
-            pendings, timings = self._locate_and_solve(reqs, report)
+            if self.one_request_at_a_time and len(reqs) > 1:
+                pendings, timings = self._request_by_request(reqs, report)
+            else:
+                pendings, timings = self._locate_and_solve(reqs, report)
             report.timings.update(timings)
+            self._check_state(pendings)
             records = self._write_records(batch_id, pendings)
             for layer, p in pendings.items():
                 self.layer_state[layer] = p.state
@@ -542,6 +653,7 @@ class LocateThenEditEditor:
             self.after_batch()
             t_save = time.perf_counter()
             if self._store is not None:
+                committing = True
                 self._commit(self._store)
             report.timings["save"] = time.perf_counter() - t_save
         except BaseException:
@@ -550,13 +662,63 @@ class LocateThenEditEditor:
                     w.copy_(snapshot[layer])
             self.layer_state = state_snapshot
             self.batches = batches_snapshot
+            if not committing:  # a commit that failed may have passed its commit point: keep its records
+                self._discard_records(records)
             raise
         report.timings["total"] = time.perf_counter() - t_start
         return report
 
+    def _request_by_request(
+        self, reqs: list[EditRequest], report: BatchReport
+    ) -> tuple[dict[int, _Pending], dict[str, float]]:
+        """Locate and solve each request in turn (``one_request_at_a_time``), inside the same batch.
+
+        Each request sees the model and the layer state as left by the requests before it; on failure
+        :meth:`_apply_batch` restores both. The layers' deltas add up, the state is the last one, and
+        the records are kept per request (keys prefixed ``"<index>."``).
+        """
+        merged: dict[int, _Pending] = {}
+        timings: dict[str, float] = {}
+        subs: list[BatchReport] = []
+        for i, req in enumerate(reqs):
+            sub = BatchReport(batch_id=report.batch_id, n_requests=1)
+            pendings, t = self._locate_and_solve([req], sub)
+            subs.append(sub)
+            for key, value in t.items():
+                timings[key] = timings.get(key, 0.0) + value
+            for layer, p in pendings.items():
+                self.layer_state[layer] = p.state  # the next request builds on it
+                record = {f"{i}.{k}": v for k, v in p.record.items()}
+                prev = merged.get(layer)
+                if prev is None:
+                    merged[layer] = _Pending(p.delta, p.state, record)
+                else:
+                    merged[layer] = _Pending(prev.delta + p.delta, p.state, {**prev.record, **record})
+
+        def mean(values: list[float]) -> float:
+            return sum(values) / len(values)
+
+        report.residual_before = mean([s.residual_before for s in subs])
+        report.residual_after = mean([s.residual_after for s in subs])
+        report.target_nll_init = mean([s.target_nll_init for s in subs])
+        report.target_nll_final = mean([s.target_nll_final for s in subs])
+        for layer, p in merged.items():
+            report.layers[layer] = {
+                "residual_norm": mean([s.layers[layer]["residual_norm"] for s in subs]),
+                "delta_norm": float(p.delta.norm()),
+                "weight_norm": subs[0].layers[layer]["weight_norm"],
+            }
+        return merged, timings
+
     def _locate_and_solve(
         self, reqs: list[EditRequest], report: BatchReport
     ) -> tuple[dict[int, _Pending], dict[str, float]]:
+        """Locate the batch and solve every edited layer, writing each layer's delta into the model.
+
+        Fills ``report`` (residuals, target NLL, per-layer norms) and returns the pending results per
+        layer and the timings. An editor that does not use the closed-form loop (FT) overrides this; it
+        must write its weight changes into the model (the caller restores them on failure).
+        """
         cfg = self.config
         last_layer = cfg.layers[-1]
         read = block_name(self.model, last_layer)
@@ -586,7 +748,7 @@ class LocateThenEditEditor:
             report.layers[layer] = {
                 "residual_norm": float(E.norm(dim=1).mean()),
                 "delta_norm": float(p.delta.norm()),
-                "weight_norm": float(W.norm()),
+                "weight_norm": float(W.detach().norm()),
             }
             timings["update"] += time.perf_counter() - t2
         cur = compute_hidden(self.model, self.tokenizer, reqs, read)
@@ -603,6 +765,16 @@ class LocateThenEditEditor:
                 f"max_delta_ratio={self.config.max_delta_ratio}); the batch was rolled back"
             )
 
+    def _check_state(self, pendings: dict[int, _Pending]) -> None:
+        """Refuse a batch whose next layer state (e.g. RLSEdit's ``C``) is not finite."""
+        for layer, p in pendings.items():
+            for key, t in p.state.items():
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise EditError(
+                        f"layer {layer}: the editor state {key!r} would not be finite; "
+                        "the batch was rolled back"
+                    )
+
     # -- persistence ------------------------------------------------------------------------------------
 
     def _record_store(self) -> RunStore:
@@ -616,33 +788,54 @@ class LocateThenEditEditor:
         return getattr(self, "_static", {})
 
     def _write_records(self, batch_id: int, pendings: dict[int, _Pending]) -> dict[str, dict]:
-        refs = {}
+        # batch_id is new (one past the last committed batch), so a blob already at its path is a leftover
+        # of an attempt that was killed or rolled back before its commit: replace it.
+        refs: dict[str, dict] = {}
         store = self._record_store()
-        for layer, p in pendings.items():
-            if p.record:
-                refs[str(layer)] = store.put_blob(
-                    f"batches/{batch_id:06d}-layer{layer}.safetensors", p.record
-                )
+        try:
+            for layer, p in pendings.items():
+                if p.record:
+                    refs[str(layer)] = store.put_blob(
+                        f"batches/{batch_id:06d}-layer{layer}.safetensors", p.record, replace=True
+                    )
+        except BaseException:
+            self._discard_records(refs)
+            raise
         return refs
+
+    def _discard_records(self, refs: dict[str, dict]) -> None:
+        """Delete the record blobs of a batch that was not committed (best effort)."""
+        if not refs:
+            return
+        store = self._record_store()
+        for ref in refs.values():
+            try:
+                store.discard_blob(ref["path"])
+            except (OSError, ValueError) as exc:  # it is replaced by the next attempt anyway
+                log.warning("could not remove the uncommitted record %s: %s", ref["path"], exc)
 
     def _ensure_static(self, store: RunStore) -> dict[str, dict]:
         """W0, Sigma and the templates are written once per run directory, as immutable blobs."""
         static = self._static_refs()
         if not static:
             src = self._record_store()
+            fresh = src.load_manifest() is None  # nothing committed: blobs there are leftovers of a crash
             static = {
                 "W0": src.put_blob(
-                    "static/W0.safetensors", {str(k): v.contiguous() for k, v in self.W0.items()}
+                    "static/W0.safetensors",
+                    {str(k): v.contiguous() for k, v in self.W0.items()},
+                    replace=fresh,
                 )
             }
             if self.sigmas:
                 static["sigma"] = src.put_blob(
-                    "static/sigma.safetensors", {str(k): v for k, v in self.sigmas.items()}
+                    "static/sigma.safetensors", {str(k): v for k, v in self.sigmas.items()}, replace=fresh
                 )
             self._static = static
         if store is not self._record_store():
+            fresh = store.load_manifest() is None
             for ref in static.values():
-                store.put_blob(ref["path"], self._record_store().load_blob(ref))
+                store.put_blob(ref["path"], self._record_store().load_blob(ref), replace=fresh)
         return static
 
     def _commit(self, store: RunStore) -> None:
@@ -662,9 +855,22 @@ class LocateThenEditEditor:
             "batches": self.batches,
             "model": {"model_type": self.model.config.model_type, "load_name": self.load_name},
         }
-        store.commit(state, manifest)
+        with store.lock():
+            _reconcile_journal(store)
+            generation = store.commit(state, manifest)
+            try:
+                store.journal.append(_journal_entry(generation, manifest))
+            except OSError as exc:  # committed already; the next commit adds the missing entry
+                log.warning("%s: journal entry of generation %d not written: %s", store.root, generation, exc)
 
     def _restore(self, store: RunStore, manifest: dict) -> None:
+        extra = len(store.journal) - manifest["journal_length"]  # CorruptStateError if garbled inside
+        if extra not in (0, 1):
+            raise CorruptStateError(
+                f"{store.journal.path}: {extra + manifest['journal_length']} entries, but generation "
+                f"{manifest['generation']} was committed with {manifest['journal_length']} (expected that "
+                "many or one more)"
+            )
         self._store = store
         self.load_name = manifest.get("model", {}).get("load_name")
         self.templates = list(manifest["templates"])
@@ -676,10 +882,15 @@ class LocateThenEditEditor:
         if "sigma" in self._static:
             s = store.load_blob(self._static["sigma"])
             self.sigmas = {layer: s[str(layer)] for layer in self.config.layers}
+        # Read and check everything before the model is touched: a damaged run leaves the model as it was.
         weights = store.load_state("weights")
+        for layer in self.config.layers:
+            try:
+                self.layer_state[layer] = store.load_state(f"layer{layer}")
+            except LookupError:  # no group: the editor keeps no state (MEMIT, ROME, FT)
+                self.layer_state[layer] = {}
         for layer, name in self.modules.items():
-            module = get_module(self.model, name)
-            w = weight_kv(module)
+            w = weight_kv(get_module(self.model, name))
             saved = weights[str(layer)]
             if tuple(saved.shape) != tuple(w.shape):
                 raise ValueError(
@@ -690,13 +901,10 @@ class LocateThenEditEditor:
                 raise ValueError(
                     f"{name}: the model is neither the base model of this run nor its edited state"
                 )
+        for layer, name in self.modules.items():
+            w = weight_kv(get_module(self.model, name))
             with torch.no_grad():
-                w.copy_(saved.to(device=w.device, dtype=w.dtype))
-        for layer in self.config.layers:
-            try:
-                self.layer_state[layer] = store.load_state(f"layer{layer}")
-            except KeyError:
-                self.layer_state[layer] = {}
+                w.copy_(weights[str(layer)].to(device=w.device, dtype=w.dtype))
 
     def load_record(self, batch: dict, layer: int) -> dict[str, torch.Tensor]:
         """The recorded tensors of ``batch`` at ``layer`` (read from disk)."""

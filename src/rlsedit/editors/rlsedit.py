@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from rlsedit.editors.base import EditorConfig, LocateThenEditEditor, _Pending, register_editor
-from rlsedit.linalg import drift, initial_inverse, reinvert, rls_retract, rls_step
+from rlsedit.linalg import RetractionError, drift, initial_inverse, reinvert, rls_retract, rls_step
 from rlsedit.models.arch import add_delta_kv, get_module
 
 __all__ = ["RLSEditConfig", "RLSEditor"]
@@ -84,8 +84,10 @@ class RLSEditor(LocateThenEditEditor):
         cfg = self.config
         assert sigma is not None
         C0 = initial_inverse(sigma, cfg.lam, cfg.mu, dtype=cfg.dtype)
-        eye = torch.eye(sigma.shape[0], dtype=torch.float64)
-        A0 = cfg.lam**2 * eye + cfg.mu**2 * sigma.to(torch.float64)
+        # A_0 exactly as C_0 inverts it (initial_inverse symmetrises Sigma), in float64
+        s64 = sigma.to(torch.float64)
+        A0 = (cfg.mu**2) * (0.5 * (s64 + s64.T))
+        A0.diagonal().add_(cfg.lam**2)
         return {"C": C0, "A": A0}
 
     def solve(self, layer: int, K: torch.Tensor, E: torch.Tensor, W: torch.Tensor) -> _Pending:
@@ -173,7 +175,7 @@ class RLSEditor(LocateThenEditEditor):
                     raise IndexError(f"batch {batch_id} has {len(batch['active'])} requests; no index {j}")
                 if not batch["active"][j]:
                     raise ValueError(f"request {j} of batch {batch_id} is already retracted")
-            cols = sorted(indices)
+            cols = sorted(set(indices))
         if not cols:
             raise ValueError(f"batch {batch_id} has no active request left to retract")
         weights = self._weights()
@@ -184,7 +186,12 @@ class RLSEditor(LocateThenEditEditor):
             V = rec["V"][cols].to(torch.float64)
             st = self.layer_state[layer]
             W64 = weights[layer].detach().to(torch.float64).cpu()
-            C_new, W_new = rls_retract(st["C"], W64, K, V)
+            # A lets the safety check account for the error C has accumulated as an inverse of A
+            try:
+                C_new, W_new = rls_retract(st["C"], W64, K, V, A=st["A"])
+            except RetractionError as exc:
+                what = f"batch {batch_id}" + ("" if indices is None else f", request(s) {cols}")
+                raise RetractionError(f"{what}, layer {layer}: {exc}; nothing was changed") from exc
             new[layer] = (C_new, W_new - W64, st["A"] - K @ K.T)
         snapshot = {layer: w.detach().clone() for layer, w in weights.items()}
         old_state = {layer: dict(st) for layer, st in self.layer_state.items()}

@@ -9,23 +9,24 @@ from torch import nn
 
 from rlsedit.locate.tokens import pad_id_of, pad_rows
 
-__all__ = ["target_nll", "greedy_continuations"]
+__all__ = ["target_nll", "target_scores", "greedy_continuations"]
 
 
 @torch.no_grad()
-def target_nll(
+def target_scores(
     model: nn.Module,
     tokenizer,
     prompts: Sequence[str],
     targets: Sequence[str],
     batch_size: int = 32,
-) -> torch.Tensor:
-    """Mean per-token negative log-likelihood of ``targets[i]`` as the continuation of ``prompts[i]``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean per-token NLL of ``targets[i]`` after ``prompts[i]``, and whether every target token is the
+    model's top-1 prediction under teacher forcing.
 
     Targets are stripped and scored with one leading space (``" " + target``).
 
     Returns:
-        ``(n,)`` float32 tensor on CPU.
+        ``(nll (n,) float32, top1 (n,) bool)`` on CPU.
     """
     if len(prompts) != len(targets):
         raise ValueError("prompts and targets must have the same length")
@@ -36,17 +37,31 @@ def target_nll(
         t_ids = list(tokenizer(" " + t.strip(), add_special_tokens=False)["input_ids"])
         rows.append(p_ids + t_ids)
         spans.append((len(p_ids), t_ids))
-    out = torch.empty(len(rows))
+    nll = torch.empty(len(rows))
+    top1 = torch.zeros(len(rows), dtype=torch.bool)
     pad = pad_id_of(tokenizer)
     for s in range(0, len(rows), batch_size):
         ids, mask = pad_rows(rows[s : s + batch_size], pad)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        logp = torch.log_softmax(logits.float(), -1)
         for k, (start, t_ids) in enumerate(spans[s : s + batch_size]):
             pos = torch.arange(start - 1, start - 1 + len(t_ids), device=device)
             tok = torch.tensor(t_ids, device=device)
-            out[s + k] = -logp[k, pos, tok].mean().cpu()
-    return out
+            logp = torch.log_softmax(logits[k, pos].float(), -1)
+            nll[s + k] = -logp[torch.arange(len(t_ids), device=device), tok].mean().cpu()
+            top1[s + k] = bool((logp.argmax(-1) == tok).all())
+    return nll, top1
+
+
+def target_nll(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Mean per-token NLL ``(n,)`` of ``targets[i]`` as the continuation of ``prompts[i]`` (see
+    :func:`target_scores`)."""
+    return target_scores(model, tokenizer, prompts, targets, batch_size)[0]
 
 
 @torch.no_grad()

@@ -13,13 +13,25 @@ with ``||d_i|| <= clamp_norm_factor * ||h_i||`` after every step, where ``h_i`` 
 All requests of a batch are optimised together (one padded batch, gradients accumulated over chunks);
 a request whose NLL falls below ``stop_nll`` is frozen and leaves the batch, so later steps only run the
 requests still learning.
+
+Fast path (``TargetConfig.fast``, the default): every token before a row's subject's last token is
+independent of ``d_i`` at every layer, so the key/value cache of those prefix tokens is computed once,
+before the optimisation (no grad), and each step runs only the row's remaining tokens (the subject's last
+token onwards, plus the target tokens) on top of that cache. The prefixes are left-padded so they end in
+the same column; the suffix forward gets an explicit attention mask (prefix mask + suffix mask) and
+explicit position ids (the positions of the unpadded row), so it computes what the full forward computes
+(up to float rounding). The straightforward path (``fast=False``) runs every row in full at every step;
+both share the loss, the clamp and the early stop and differ only in the forward of a chunk of rows. The
+prefix cache costs ``2 * n_layers * (kv width)`` values per prefix token of every row, held for the whole
+call; architectures whose forward takes no cache fall back to the straightforward path with a warning.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -49,6 +61,9 @@ class TargetConfig:
     stop_nll: float = 0.05
     kl_prompt: str = "{} is a"
     chunk_rows: int = 48
+    #: compute the prefix key/value cache once and run only the tokens from the subject's last token on
+    #: (same results up to float rounding, several times faster); False runs every row in full each step
+    fast: bool = True
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.steps < 1 or self.chunk_rows < 1:
@@ -106,8 +121,10 @@ def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Row:
+    """One optimisation row of a request: an NLL row (context + prompt + target) or its KL row."""
+
     ids: list[int]
-    subject_last: int
+    subject_last: int  # index of the subject's last token: the delta is added there
     req: int
     kind: str  # "nll" or "kl"
     target_pos: list[int]  # positions whose next-token prediction is a target token
@@ -135,6 +152,246 @@ def _build_rows(
     return per_req
 
 
+# --------------------------------------------------------------------------------------------------------
+# The forward of a chunk of rows: the only part in which the straightforward and the fast path differ.
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _ChunkOutput:
+    """The forward of a chunk of ``n`` rows; column ``c`` of row ``k`` holds the row's token ``start[k] + c``.
+
+    Attributes:
+        hidden: ``(n, T, d_model)`` final-norm outputs, differentiable w.r.t. the delta.
+        block: ``(n, T, d_model)`` outputs of block ``layer`` (detached; the delta is in them).
+        start: per row, the index (in the row's tokens) of the token in column 0: 0 for a full forward,
+            the subject's last token for the prefix-cached one.
+    """
+
+    hidden: torch.Tensor
+    block: torch.Tensor
+    start: list[int]
+
+
+#: ``forward(row_indices, vectors) -> _ChunkOutput``: run the rows ``row_indices`` (into the flat row list)
+#: with ``vectors[k]`` (``(n, d_model)``, model dtype) added at the MLP output of row ``k``'s subject's last
+#: token.
+_ChunkForward = Callable[[Sequence[int], torch.Tensor], _ChunkOutput]
+
+
+@dataclass(frozen=True)
+class _Sites:
+    """Module paths: where the delta goes in, where ``h`` is read, and the final norm."""
+
+    inject: str
+    read: str
+    final_norm: str
+
+
+def _run_chunk(
+    model: nn.Module, sites: _Sites, vec: torch.Tensor, cols: torch.Tensor, **inputs: object
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward with ``vec[k]`` (``(n, d_model)``) added at column ``cols[k]`` (``(n,)``) of row ``k``.
+
+    Returns ``(final-norm output, block output)``, both ``(n, T, d_model)``; the forward stops at the final
+    norm (no LM head).
+    """
+    with (
+        add_at_positions(model, sites.inject, vec, cols),
+        trace(model, [sites.read, sites.final_norm], capture_output=True, detach=False, stop=True) as tr,
+    ):
+        model(**inputs)
+    return tr[sites.final_norm].output, tr[sites.read].output.detach()
+
+
+class _FullForward:
+    """The straightforward forward: every row in full (right-padded); the delta at the subject's last
+    token."""
+
+    def __init__(self, model: nn.Module, sites: _Sites, rows: Sequence[_Row], pad: int) -> None:
+        self.model, self.sites, self.rows, self.pad = model, sites, rows, pad
+        self.device = next(model.parameters()).device
+
+    def __call__(self, idx: Sequence[int], vec: torch.Tensor) -> _ChunkOutput:
+        rows = [self.rows[k] for k in idx]
+        ids, mask = pad_rows([r.ids for r in rows], self.pad)
+        cols = torch.tensor([r.subject_last for r in rows], device=self.device)
+        hidden, block = _run_chunk(
+            self.model,
+            self.sites,
+            vec,
+            cols,
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            use_cache=False,
+        )
+        return _ChunkOutput(hidden, block, [0] * len(rows))
+
+
+def _cache_kwarg(model: nn.Module) -> str | None:
+    """The name under which the model's forward takes a KV cache (``cache`` in transformers >= 5.x,
+    ``past_key_values`` before), or None when it takes none."""
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return None
+
+
+def _fast_unsupported(model: nn.Module) -> str | None:
+    """Why the prefix-cache path cannot run on ``model`` (None when it can)."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "encoder-decoder model"
+    params = inspect.signature(model.forward).parameters
+    if "position_ids" not in params:
+        return "its forward takes no position_ids"
+    if _cache_kwarg(model) is None:
+        return "its forward takes no KV cache"
+    try:
+        from transformers import DynamicCache  # noqa: F401
+    except ImportError:
+        return "transformers has no DynamicCache"
+    return None
+
+
+def _cache_layers(cache: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(keys, values)]`` per layer of a filled ``DynamicCache``; each is ``(batch, kv_heads, seq,
+    head_dim)``."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [(layer.keys, layer.values) for layer in layers]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))  # transformers 4.x
+
+
+class _PrefixCachedForward:
+    """The fast forward: the prefix (tokens before the subject's last token) of every row is encoded once,
+    then each call runs only the rows' suffixes (the subject's last token onwards) on that cache.
+
+    Prefix keys/values are stored per layer as ``(n_rows, kv_heads, P, head_dim)`` (``P`` = the longest
+    prefix), left-padded so that every prefix ends in column ``P - 1``; pad entries are zero and masked. A
+    call gathers its rows into a fresh ``DynamicCache`` (the stored tensors are never mutated: the cache's
+    updates concatenate into new tensors), right-pads the suffixes, and passes the attention mask
+    ``[prefix mask | suffix mask]`` and the position ids of the unpadded rows.
+    """
+
+    def __init__(
+        self, model: nn.Module, sites: _Sites, rows: Sequence[_Row], pad: int, chunk_rows: int
+    ) -> None:
+        from transformers import DynamicCache
+
+        self.model, self.sites, self.rows, self.pad = model, sites, rows, pad
+        self.device = next(model.parameters()).device
+        self._cache_cls = DynamicCache
+        kwarg = _cache_kwarg(model)
+        if kwarg is None:
+            raise TypeError("the model's forward takes no KV cache")
+        self.cache_kwarg = kwarg
+        n_blocks = len(get_module(model, get_arch(model).blocks))
+        self.width = max(r.subject_last for r in rows)
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        if self.width == 0:
+            return
+        with torch.no_grad():
+            for c0 in range(0, len(rows), chunk_rows):
+                chunk = rows[c0 : c0 + chunk_rows]
+                pw = max(r.subject_last for r in chunk)
+                if pw == 0:
+                    continue
+                ids = torch.full((len(chunk), pw), pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), pw), dtype=torch.long)
+                for k, r in enumerate(chunk):
+                    if r.subject_last:
+                        ids[k, pw - r.subject_last :] = torch.tensor(r.ids[: r.subject_last])
+                        mask[k, pw - r.subject_last :] = 1
+                pos = (mask.cumsum(1) - 1).clamp_min(0)
+                cache = DynamicCache()
+                with trace(model, [sites.final_norm], stop=True):
+                    model(
+                        input_ids=ids.to(self.device),
+                        attention_mask=mask.to(self.device),
+                        position_ids=pos.to(self.device),
+                        use_cache=True,
+                        **{kwarg: cache},
+                    )
+                kv = _cache_layers(cache)
+                if len(kv) != n_blocks or any(
+                    k.dim() != 4 or k.shape[0] != len(chunk) or k.shape[-2] != pw for pair in kv for k in pair
+                ):
+                    raise ValueError("the model did not fill a (batch, heads, seq, head_dim) cache per block")
+                if not self.keys:
+                    for k, v in kv:
+                        self.keys.append(k.new_zeros(len(rows), k.shape[1], self.width, k.shape[3]))
+                        self.values.append(v.new_zeros(len(rows), v.shape[1], self.width, v.shape[3]))
+                valid = mask.to(self.device, torch.bool)[:, None, :, None]
+                for (k, v), ks, vs in zip(kv, self.keys, self.values, strict=True):
+                    ks[c0 : c0 + len(chunk), :, self.width - pw :] = torch.where(valid, k, 0)
+                    vs[c0 : c0 + len(chunk), :, self.width - pw :] = torch.where(valid, v, 0)
+
+    def nbytes(self) -> int:
+        """Memory held by the prefix cache."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def __call__(self, idx: Sequence[int], vec: torch.Tensor) -> _ChunkOutput:
+        rows = [self.rows[k] for k in idx]
+        n = len(rows)
+        plen = [r.subject_last for r in rows]
+        ids, smask = pad_rows([r.ids[p:] for r, p in zip(rows, plen, strict=True)], self.pad)
+        pl = torch.tensor(plen, dtype=torch.long)[:, None]
+        pos = pl + torch.arange(ids.shape[1])
+        pos = torch.where(smask.bool(), pos, pl)  # pads: any valid position
+        inputs: dict[str, object] = {"input_ids": ids.to(self.device), "position_ids": pos.to(self.device)}
+        pw = max(plen)
+        if pw == 0:
+            inputs.update(attention_mask=smask.to(self.device), use_cache=False)
+        else:
+            pmask = (torch.arange(pw)[None, :] >= pw - pl).long()
+            sel = torch.tensor(list(idx), device=self.device)
+            cache = self._cache_cls()
+            for layer, (ks, vs) in enumerate(zip(self.keys, self.values, strict=True)):
+                cache.update(
+                    ks[:, :, self.width - pw :].index_select(0, sel),
+                    vs[:, :, self.width - pw :].index_select(0, sel),
+                    layer,
+                )
+            inputs.update(attention_mask=torch.cat([pmask, smask], 1).to(self.device), use_cache=True)
+            inputs[self.cache_kwarg] = cache
+        cols = torch.zeros(n, dtype=torch.long, device=self.device)
+        hidden, block = _run_chunk(self.model, self.sites, vec, cols, **inputs)
+        return _ChunkOutput(hidden, block, plen)
+
+
+_warned_fallback: set[str] = set()
+
+
+def _make_forward(
+    model: nn.Module, sites: _Sites, rows: Sequence[_Row], pad: int, cfg: TargetConfig
+) -> tuple[_ChunkForward, dict]:
+    """The chunk forward ``cfg`` asks for, falling back to the full one (with a warning) where the
+    prefix cache is unsupported. Returns ``(forward, info)`` (info goes to ``TargetResult.extra``)."""
+    if not cfg.fast:
+        return _FullForward(model, sites, rows, pad), {"fast": False}
+    reason = _fast_unsupported(model)
+    if reason is None:
+        t0 = time.perf_counter()
+        try:
+            fwd = _PrefixCachedForward(model, sites, rows, pad, cfg.chunk_rows)
+        except (TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError, IndexError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        else:
+            info = {"fast": True, "prefix_seconds": time.perf_counter() - t0, "prefix_bytes": fwd.nbytes()}
+            return fwd, info
+    model_type = str(getattr(model.config, "model_type", type(model).__name__))
+    if model_type not in _warned_fallback:
+        _warned_fallback.add(model_type)
+        log.warning(
+            "compute_targets: the prefix-cache fast path does not support %s (%s); running every row in full",
+            model_type,
+            reason,
+        )
+    return _FullForward(model, sites, rows, pad), {"fast": False, "fallback": reason}
+
+
 def compute_targets(
     model: nn.Module,
     tokenizer,
@@ -150,15 +407,17 @@ def compute_targets(
         layer: index of the last edited block; the delta is added to its MLP output projection's output.
         contexts: context templates (the first is normally ``""``).
     Returns:
-        :class:`TargetResult` with ``z`` of shape ``(u, d_model)``.
+        :class:`TargetResult` with ``z`` of shape ``(u, d_model)``; ``extra["fast"]`` says whether the
+        prefix-cache path ran.
     """
     cfg = config or TargetConfig()
     t0 = time.perf_counter()
     arch = get_arch(model)
-    blocks = arch.blocks
-    inject = f"{blocks}.{layer}.{arch.mlp_out}"
-    read = f"{blocks}.{layer}"
-    final_norm = arch.final_norm
+    sites = _Sites(
+        inject=f"{arch.blocks}.{layer}.{arch.mlp_out}",
+        read=f"{arch.blocks}.{layer}",
+        final_norm=arch.final_norm,
+    )
     device = next(model.parameters()).device
     pad = pad_id_of(tokenizer)
     u = len(requests)
@@ -167,8 +426,11 @@ def compute_targets(
     per_req = _build_rows(tokenizer, requests, contexts, cfg.kl_prompt)
     rows_per_req = len(per_req[0])
     req_per_chunk = max(1, cfg.chunk_rows // rows_per_req)
+    all_rows = [r for rows in per_req for r in rows]  # request i owns rows i*rows_per_req ... (i+1)*... - 1
+    n_ctx = rows_per_req - 1
 
-    d_model = int(model.config.hidden_size)
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    d_model = int(text_config.hidden_size)
     delta = torch.zeros(u, d_model, device=device, dtype=torch.float32, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
     h0 = torch.zeros(u, d_model, device=device)
@@ -179,6 +441,7 @@ def compute_targets(
     active = list(range(u))
 
     with frozen_params(model):
+        forward, info = _make_forward(model, sites, all_rows, pad, cfg)
         for step in range(cfg.steps + 1):
             if not active:
                 break
@@ -186,36 +449,27 @@ def compute_targets(
             still: list[int] = []
             for c0 in range(0, len(active), req_per_chunk):
                 chunk = active[c0 : c0 + req_per_chunk]
-                rows = [r for i in chunk for r in per_req[i]]
-                ids, mask = pad_rows([r.ids for r in rows], pad)
-                ids, mask = ids.to(device), mask.to(device)
+                idx = [i * rows_per_req + j for i in chunk for j in range(rows_per_req)]
+                rows = [all_rows[k] for k in idx]
                 row_req = torch.tensor([r.req for r in rows], device=device)
-                pos = torch.tensor([r.subject_last for r in rows], device=device)
-                vec = delta[row_req].to(dtype=model.dtype)
-                with (
-                    add_at_positions(model, inject, vec, pos),
-                    trace(model, [read, final_norm], capture_output=True, detach=False, stop=True) as tr,
-                ):
-                    model(input_ids=ids, attention_mask=mask, use_cache=False)
-                hidden = tr[final_norm].output
+                out = forward(idx, delta[row_req].to(dtype=model.dtype))
                 if step == 0:  # row 0 of each request is its bare prompt (contexts[0] == "")
-                    hb = tr[read].output.detach()
                     for k in range(0, len(rows), rows_per_req):
-                        h0[rows[k].req] = hb[k, rows[k].subject_last].float()
+                        h0[rows[k].req] = out.block[k, rows[k].subject_last - out.start[k]].float()
                 # Gather the needed positions, then the LM head on those only.
                 sel_rows, sel_pos = [], []
                 for k, r in enumerate(rows):
                     for p in r.target_pos:
                         sel_rows.append(k)
-                        sel_pos.append(p)
+                        sel_pos.append(p - out.start[k])
                 logits = logits_from_hidden(
-                    model, hidden[torch.tensor(sel_rows, device=device), torch.tensor(sel_pos, device=device)]
+                    model,
+                    out.hidden[torch.tensor(sel_rows, device=device), torch.tensor(sel_pos, device=device)],
                 ).float()
                 logp = torch.log_softmax(logits, -1)
                 loss = logp.new_zeros(())
                 cursor = 0
                 nll_sum = {i: logp.new_zeros(()) for i in chunk}
-                n_ctx = rows_per_req - 1
                 for r in rows:
                     span = len(r.target_pos)
                     lp = logp[cursor : cursor + span]
@@ -259,8 +513,17 @@ def compute_targets(
             active = still
             if progress:
                 log.info("targets step %d: %d/%d requests still learning", step + 1, len(still), u)
+        del forward  # frees the prefix cache
 
     z = (h0 + delta.detach()).float()
     seconds = time.perf_counter() - t0
-    log.debug("targets: %d requests, %.2fs, mean steps %.1f", u, seconds, steps_taken.float().mean())
-    return TargetResult(z=z, h0=h0, nll_init=nll_init, nll_final=nll_last, steps=steps_taken, seconds=seconds)
+    log.debug(
+        "targets: %d requests, %.2fs, mean steps %.1f, %s",
+        u,
+        seconds,
+        steps_taken.float().mean(),
+        info,
+    )
+    return TargetResult(
+        z=z, h0=h0, nll_init=nll_init, nll_final=nll_last, steps=steps_taken, seconds=seconds, extra=info
+    )

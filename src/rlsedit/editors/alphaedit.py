@@ -1,0 +1,100 @@
+"""AlphaEdit (Fang et al., 2025): MEMIT's update projected onto the null space of the preserved keys.
+
+Per edited layer, ``P`` (``d_k x d_k``) projects onto the eigenvectors of ``Sigma`` whose eigenvalue is below
+``nullspace_threshold`` times the largest (the directions ordinary text hardly uses), and ``K_p K_p^T``
+accumulates the keys of every earlier batch. A batch with keys ``K`` (``d_k x u``) and residual share
+``E`` (``u x d_v``) gets
+
+    Delta = (P (K_p K_p^T + K K^T) + alpha I)^{-1} P K E
+
+so the update acts (approximately) only in the null space of ordinary keys, while earlier edits' keys are
+kept in the least-squares objective. The state per layer is ``K_p K_p^T`` (saved with the editor); ``P``
+is recomputed from ``Sigma`` (saved with the run) when first needed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from rlsedit.editors.base import EditorConfig, LocateThenEditEditor, _Pending, register_editor
+from rlsedit.linalg import alphaedit_delta, nullspace_projector
+
+__all__ = ["AlphaEditConfig", "AlphaEditEditor"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AlphaEditConfig(EditorConfig):
+    """AlphaEdit settings.
+
+    Attributes:
+        alpha: ridge weight of the solve (the authors' ``L2``); must be > 0.
+        nullspace_threshold: eigenvalues of ``Sigma`` below this fraction of the largest span the null
+            space the update is projected onto.
+    """
+
+    alpha: float = 10.0
+    nullspace_threshold: float = 1e-2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if not self.nullspace_threshold > 0:
+            raise ValueError(f"nullspace_threshold must be > 0, got {self.nullspace_threshold}")
+
+
+@register_editor
+class AlphaEditEditor(LocateThenEditEditor):
+    """The AlphaEdit editor (see the module docstring)."""
+
+    name: ClassVar[str] = "alphaedit"
+    config_class: ClassVar[type[EditorConfig]] = AlphaEditConfig
+    config: AlphaEditConfig
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._projectors: dict[int, torch.Tensor] = {}
+        super().__init__(*args, **kwargs)
+
+    def init_layer_state(
+        self, layer: int, W0: torch.Tensor, sigma: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """``{"KpKpT": zeros (d_k, d_k) float64}``: no earlier keys yet."""
+        d_k = W0.shape[0]
+        return {"KpKpT": torch.zeros(d_k, d_k, dtype=torch.float64)}
+
+    def projector(self, layer: int) -> torch.Tensor:
+        """The null-space projector ``P`` (``d_k x d_k``, float64, CPU) of ``layer``, computed once."""
+        cache = self._projectors
+        if layer not in cache:
+            sigma = self.sigmas[layer].to(torch.float64)
+            P, dim = nullspace_projector(sigma, self.config.nullspace_threshold)
+            log.info(
+                "alphaedit layer %d: null space of dimension %d of %d kept (threshold %g)",
+                layer,
+                dim,
+                P.shape[0],
+                self.config.nullspace_threshold,
+            )
+            if dim == 0:
+                log.warning(
+                    "alphaedit layer %d: the null space is empty, so every update is zero; raise "
+                    "nullspace_threshold",
+                    layer,
+                )
+            cache[layer] = P
+        return cache[layer]
+
+    def solve(self, layer: int, K: torch.Tensor, E: torch.Tensor, W: torch.Tensor) -> _Pending:
+        """``Delta (d_k, d_v)`` for keys ``K (d_k, u)`` and residual ``E (u, d_v)``; the next state adds
+        ``K K^T`` to ``K_p K_p^T``. Float64 on the CPU; nothing recorded."""
+        K64 = K.to(torch.float64).cpu()
+        E64 = E.to(torch.float64).cpu()
+        KpKpT = self.layer_state[layer]["KpKpT"]
+        delta = alphaedit_delta(self.projector(layer), KpKpT, K64, E64, self.config.alpha)
+        return _Pending(delta=delta, state={"KpKpT": KpKpT + K64 @ K64.T}, record={})

@@ -1,0 +1,91 @@
+"""ROME (Meng et al., 2022): a rank-one update of one layer, one request at a time.
+
+For the single edited layer, a request's key ``k`` (``d_k``, averaged over context templates) and the
+optimised value ``v = W^T k + e`` (``d_v``; ``e`` the gap between the optimised and the current hidden
+state) give
+
+    Delta = (C^{-1} k) (v - W^T k)^T / (k^T C^{-1} k),     C^{-1} = (lam^2 I + mu^2 Sigma)^{-1}
+
+so that ``k^T (W + Delta) = v`` exactly, with the smallest change in the ``Sigma``-weighted norm
+(``lam`` is a small ridge that keeps ``C`` invertible; only the ratio ``lam / mu`` matters). A batch is
+applied request by request: each request's target and key are computed on the model as edited by the
+requests before it, all inside one all-or-nothing batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from rlsedit.editors.base import EditorConfig, LocateThenEditEditor, _Pending, register_editor
+from rlsedit.linalg import initial_inverse, rome_rank_one
+
+__all__ = ["ROMEConfig", "ROMEEditor"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ROMEConfig(EditorConfig):
+    """ROME settings.
+
+    Attributes:
+        layers: exactly one edited layer, e.g. ``(5,)``.
+        lam / mu: the key metric is ``(lam^2 I + mu^2 Sigma)^{-1}`` (RLSEdit's ``C_0``); only ``lam / mu``
+            matters, as a ridge on ``Sigma``.
+    """
+
+    layers: tuple[int, ...] = (5,)
+    lam: float = 1.0
+    mu: float = 31.6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.layers) != 1:
+            raise ValueError(
+                f"rome edits exactly one layer, got layers={list(self.layers)}; pass a single layer, "
+                f"e.g. layers=[{self.layers[len(self.layers) // 2]}]"
+            )
+        if self.lam < 0 or not self.mu > 0:
+            raise ValueError(f"rome needs lam >= 0 and mu > 0, got lam={self.lam}, mu={self.mu}")
+
+
+@register_editor
+class ROMEEditor(LocateThenEditEditor):
+    """The ROME editor (see the module docstring)."""
+
+    name: ClassVar[str] = "rome"
+    config_class: ClassVar[type[EditorConfig]] = ROMEConfig
+    one_request_at_a_time: ClassVar[bool] = True
+    config: ROMEConfig
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._metrics: dict[int, torch.Tensor] = {}
+        super().__init__(*args, **kwargs)
+
+    def key_metric(self, layer: int) -> torch.Tensor:
+        """``C^{-1} = (lam^2 I + mu^2 Sigma)^{-1}`` (``d_k x d_k``, float64, CPU), computed once."""
+        cache = self._metrics
+        if layer not in cache:
+            cache[layer] = initial_inverse(self.sigmas[layer], self.config.lam, self.config.mu)
+        return cache[layer]
+
+    def solve(self, layer: int, K: torch.Tensor, E: torch.Tensor, W: torch.Tensor) -> _Pending:
+        """Rank-one ``Delta (d_k, d_v)`` for one key ``K (d_k, 1)`` and residual ``E (1, d_v)``.
+
+        Given several columns (``u > 1``), applies one rank-one update per column in turn, each on the
+        weight left by the previous one. Float64 on the CPU; no state, nothing recorded.
+        """
+        C_inv = self.key_metric(layer)
+        K64 = K.to(torch.float64).cpu()
+        E64 = E.to(torch.float64).cpu()
+        W64 = W.to(torch.float64).cpu()
+        delta = torch.zeros_like(W64)
+        for j in range(K64.shape[1]):
+            k = K64[:, j]
+            v = W64.T @ k + E64[j]  # the value the original weight must map k to
+            delta = delta + rome_rank_one(C_inv, W64 + delta, k, v)
+        return _Pending(delta=delta, state={}, record={})

@@ -1,0 +1,101 @@
+"""The prefix-cache fast path of :func:`rlsedit.locate.targets.compute_targets` gives the straightforward
+path's results (z, NLLs, steps) on tiny random models of every architecture, with rows of different prefix
+lengths, several context templates, several chunks and requests that stop early."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from rlsedit.locate import targets as targets_mod
+from rlsedit.locate.targets import TargetConfig, TargetResult, compute_targets
+from rlsedit.requests import EditRequest
+from tiny_models import ARCH_TYPES, tiny_model
+
+#: Prefix lengths differ: subject at the start (one token: "Apple", "It"; the KL rows "Apple is a" and
+#: "It is a" then have no prefix at all), in the middle, after a long prefix.
+REQUESTS = [
+    EditRequest("{} was created by", "Apple", "Google"),
+    EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English"),
+    EditRequest("In 1925, the headquarters of {} moved to the city of", "Microsoft", "Tokyo, Japan"),
+    EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome"),
+    EditRequest("{} is the twin city of", "It", "Beirut"),
+]
+CONTEXTS = ["", "Hello there. ", "The capital of Japan is Tokyo, Japan. ", "I. "]
+#: 5 rows per request (4 contexts + the KL row): 2 requests per chunk, 3 chunks at first.
+CHUNK_ROWS = 10
+STEPS = 8
+LAYER = 1
+#: larger weights than the default 0.1: the targets' NLL then moves (a near-uniform model has tiny
+#: gradients, whose Adam-normalised steps amplify float rounding)
+OVERRIDES = {"initializer_range": 0.3}
+RTOL = 1e-4
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest per-row relative difference ``||a_i - b_i|| / ||a_i||`` (rows of ``(u, ...)``)."""
+    a, b = a.reshape(a.shape[0], -1).double(), b.reshape(b.shape[0], -1).double()
+    return float(((a - b).norm(dim=1) / a.norm(dim=1).clamp_min(1e-30)).max())
+
+
+def _run(model, tokenizer, fast: bool, stop_nll: float, contexts=CONTEXTS, requests=REQUESTS) -> TargetResult:
+    cfg = TargetConfig(chunk_rows=CHUNK_ROWS, steps=STEPS, stop_nll=stop_nll, fast=fast)
+    return compute_targets(model, tokenizer, requests, LAYER, contexts, cfg)
+
+
+def _assert_same(slow: TargetResult, fast: TargetResult) -> None:
+    assert fast.extra["fast"] is True and slow.extra["fast"] is False
+    assert torch.equal(fast.steps, slow.steps)
+    assert _rel(slow.h0, fast.h0) < RTOL
+    assert _rel(slow.z, fast.z) < RTOL
+    assert _rel(slow.nll_init[:, None], fast.nll_init[:, None]) < RTOL
+    assert _rel(slow.nll_final[:, None], fast.nll_final[:, None]) < RTOL
+
+
+@pytest.mark.parametrize("model_type", ARCH_TYPES)
+def test_fast_matches_straightforward(model_type: str) -> None:
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model(model_type, seed=0, **OVERRIDES)
+    # A stop_nll between the 2nd and 3rd lowest final NLLs of a full run: some requests stop early
+    # (possibly at step 0), others run all steps, so the active set shrinks and the chunks regroup.
+    ref = _run(model, tokenizer, fast=False, stop_nll=0.0)
+    low = torch.sort(ref.nll_final).values
+    stop_nll = float(low[1] + low[2]) / 2
+    slow = _run(model, tokenizer, fast=False, stop_nll=stop_nll)
+    fast = _run(model, tokenizer, fast=True, stop_nll=stop_nll)
+    assert (slow.steps < STEPS).any() and (slow.steps == STEPS).any()
+    _assert_same(slow, fast)
+
+
+def test_no_prefix_at_all() -> None:
+    """Every row's subject is its first token: the fast path runs without a cache."""
+    model, tokenizer = tiny_model("llama", seed=1, **OVERRIDES)
+    reqs = [
+        EditRequest("{} was created by", "Apple", "Google"),
+        EditRequest("{} is the city of", "It", "Rome"),
+    ]
+    slow = _run(model, tokenizer, fast=False, stop_nll=0.0, contexts=[""], requests=reqs)
+    fast = _run(model, tokenizer, fast=True, stop_nll=0.0, contexts=[""], requests=reqs)
+    assert fast.extra["prefix_bytes"] == 0
+    _assert_same(slow, fast)
+
+
+def test_fast_is_default() -> None:
+    assert TargetConfig().fast is True
+
+
+def test_fallback_warns_and_matches(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model whose forward takes no cache runs the straightforward path, with a logged warning."""
+    model, tokenizer = tiny_model("gpt2", seed=0, **OVERRIDES)
+    slow = _run(model, tokenizer, fast=False, stop_nll=0.0, requests=REQUESTS[:2])
+    monkeypatch.setattr(targets_mod, "_cache_kwarg", lambda model: None)
+    monkeypatch.setattr(targets_mod, "_warned_fallback", set())
+    with caplog.at_level(logging.WARNING, logger="rlsedit.locate.targets"):
+        fell = _run(model, tokenizer, fast=True, stop_nll=0.0, requests=REQUESTS[:2])
+    assert fell.extra["fast"] is False and "no KV cache" in fell.extra["fallback"]
+    assert any("fast path does not support gpt2" in r.getMessage() for r in caplog.records)
+    assert torch.equal(fell.z, slow.z)
