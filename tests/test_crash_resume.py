@@ -311,7 +311,7 @@ def test_kill_and_resume_fast(setup: Setup, tmp_path: Path) -> None:
 def test_kill_and_resume_many(setup: Setup, tmp_path: Path) -> None:
     seed = int(os.environ.get("RLSEDIT_CRASH_SEED", time.time_ns() % 1_000_000))
     stats = crash_trials(setup, tmp_path, n_trials=20, seed=seed)
-    assert stats["trials"] == 20 and stats["kills"] >= 15, (seed, stats)
+    assert stats["trials"] == 20 and stats["kills"] >= 10, (seed, stats)
 
 
 # -------------------------------------------------------------------------------------- tampered files

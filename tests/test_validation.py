@@ -13,7 +13,7 @@ JSON. In every case:
 * the command line exits with status 2 without creating or touching the run directory.
 
 Bad inputs tried per run (hypothesis ``max_examples``): 1000 (reader) + 300 (API, mixed batches) +
-100 (API, non-request items) + 300 (command line, in process) = 1700, plus 17 fixed cases below.
+100 (API, non-request items) + 300 (command line, in process) = 1700, plus 15 fixed cases below.
 """
 
 from __future__ import annotations

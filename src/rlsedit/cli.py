@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -243,7 +244,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         stats_dir=args.stats,
-        command="rlsedit " + " ".join(sys.argv[1:]),
+        command="rlsedit " + " ".join(shlex.quote(a) for a in args.argv),
     )
     _out(f"{'':16}{'efficacy':>10}{'general.':>10}{'specif.':>10}")
     for label, s in (("before editing", res["pre"]), (f"after {res['edits']} edits", res["post"])):
@@ -361,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     level = logging.WARNING - 10 * min(args.verbose, 2) if args.verbose else logging.INFO
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"

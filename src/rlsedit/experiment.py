@@ -190,6 +190,8 @@ def run_experiment(
         for key, v in r.get("timings", {}).items():
             timings[key] = timings.get(key, 0.0) + float(v)
     n_timed = sum(int(r["n_requests"]) for r in reports)
+    if command is None and (out / "results.json").exists():
+        command = load_json(out / "results.json").get("command")
     results = {
         "spec": spec.to_dict(),
         "command": command,
