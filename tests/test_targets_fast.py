@@ -69,6 +69,42 @@ def test_fast_matches_straightforward(model_type: str) -> None:
     _assert_same(slow, fast)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_chunk_forward_matches_and_keeps_cache(model_type: str) -> None:
+    """One chunk forward with a nonzero delta: the cached forward's outputs and gradients equal the full
+    forward's at every real token from the subject's last one on, and the stored prefix cache is unchanged."""
+    model, tokenizer = tiny_model(model_type, seed=0, **OVERRIDES)
+    rows = [r for rs in targets_mod._build_rows(tokenizer, REQUESTS, CONTEXTS, "{} is a") for r in rs]
+    arch = targets_mod.get_arch(model)
+    sites = targets_mod._Sites(
+        f"{arch.blocks}.{LAYER}.{arch.mlp_out}", f"{arch.blocks}.{LAYER}", arch.final_norm
+    )
+    pad = tokenizer.pad_token_id
+    full = targets_mod._FullForward(model, sites, rows, pad)
+    fast = targets_mod._PrefixCachedForward(model, sites, rows, pad, chunk_rows=7)
+    stored = [t.clone() for t in (*fast.keys, *fast.values)]
+    idx = [0, 3, 4, 7, 12, 20, 21, 24]  # rows of several requests, with prefixes of 0 .. many tokens
+    assert min(rows[k].subject_last for k in idx) == 0 < max(rows[k].subject_last for k in idx)
+    torch.manual_seed(0)
+    vec = torch.randn(len(idx), model.config.hidden_size)
+    grads = []
+    for fwd in (full, fast, fast):
+        v = vec.clone().requires_grad_(True)
+        with targets_mod.frozen_params(model):
+            out = fwd(idx, v)
+            picked = [
+                out.hidden[k, rows[i].subject_last - out.start[k] : len(rows[i].ids) - out.start[k]]
+                for k, i in enumerate(idx)
+            ]
+            torch.cat(picked).pow(2).sum().backward()
+        grads.append((torch.cat(picked).detach(), v.grad))
+    (h_full, g_full), (h_fast, g_fast), (h_again, g_again) = grads
+    assert torch.allclose(h_fast, h_full, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(g_fast, g_full, rtol=1e-4, atol=1e-6)
+    assert torch.equal(h_again, h_fast) and torch.equal(g_again, g_fast)
+    assert all(torch.equal(a, b) for a, b in zip(stored, (*fast.keys, *fast.values), strict=True))
+
+
 def test_no_prefix_at_all() -> None:
     """Every row's subject is its first token: the fast path runs without a cache."""
     model, tokenizer = tiny_model("llama", seed=1, **OVERRIDES)

@@ -133,7 +133,7 @@ def run_experiment(
     store = RunStore(editor_dir)
     with store.lock():
         if store.load_manifest() is not None:
-            editor = load_editor(editor_dir, model, tok)
+            editor = load_editor(store, model, tok)  # this store: it holds the lock
             log.info("resuming: %d batches already applied", len(editor.batches))
         else:
             t0 = time.perf_counter()

@@ -1,0 +1,286 @@
+"""Unit tests of the baseline editors (MEMIT, AlphaEdit, ROME, FT): each solve against a direct solution on
+random matrices, their configuration, the request-by-request loop, FT's L-infinity bound, and the
+shipped per-model defaults. The conformance suite (``test_conformance.py``) covers their behaviour on
+tiny models of several architectures."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+import tiny_models
+from rlsedit import EditRequest, make_editor
+from rlsedit.configs import model_defaults
+from rlsedit.editors.base import LocateThenEditEditor, _Pending, build_config, editor_class
+from rlsedit.models.arch import num_layers
+
+D_K, D_V = tiny_models.TINY_DIMS["intermediate"], tiny_models.TINY_DIMS["hidden"]
+FAST: dict[str, Any] = {"n_templates": 0, "steps": 5, "kl_factor": 0.0, "weight_decay": 0.0}
+
+
+def random_sigma(seed: int, d: int = D_K) -> torch.Tensor:
+    """A random SPD ``(d, d)`` float64 matrix with a spread spectrum (eigenvalues 1e-4 .. 1)."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    evals = torch.logspace(-4, 0, d, dtype=torch.float64)
+    return (Q * evals) @ Q.T
+
+
+def random_problem(seed: int, u: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys ``K (d_k, u)`` and residual ``E (u, d_v)``, float64."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(D_K, u, generator=g, dtype=torch.float64), torch.randn(
+        u, D_V, generator=g, dtype=torch.float64
+    )
+
+
+def editor_on_tiny(name: str, layers: list[int], **overrides: Any) -> Any:
+    model, tok = tiny_models.tiny_model("llama")
+    sigmas = {layer: random_sigma(layer) for layer in range(num_layers(model))}
+    return make_editor(name, model, tok, sigmas=sigmas, layers=layers, **{**FAST, **overrides})
+
+
+def weight(editor: Any, layer: int) -> torch.Tensor:
+    return editor._weights()[layer].detach()
+
+
+def request(subject: str = "Danielle Darrieux", target: str = "English") -> EditRequest:
+    """A request whose prompt ends with the subject (a tiny random model's last layer acts only there)."""
+    return EditRequest("The mother tongue of {}", subject, target, "French")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MEMIT
+
+
+def test_memit_solve_matches_direct_solution() -> None:
+    mu = 2.0
+    ed = editor_on_tiny("memit", [2, 3], mu=mu)
+    K, E = random_problem(0)
+    W = weight(ed, 2)
+    p = ed.solve(2, K, E, W)
+    sigma = ed.sigmas[2]
+    direct = torch.linalg.solve(mu**2 * sigma + K @ K.T, K @ E)
+    torch.testing.assert_close(p.delta, direct, rtol=1e-9, atol=1e-10)
+    assert p.delta.shape == (D_K, D_V) and p.state == {} and p.record == {}
+    # the minimiser of ||K^T (W + D) - (K^T W + E)||^2 + mu^2 ||K_0^T D||^2: zero gradient
+    grad = K @ (K.T @ p.delta - E) + mu**2 * sigma @ p.delta
+    assert float(grad.abs().max()) < 1e-8
+
+
+def test_memit_config_validation() -> None:
+    with pytest.raises(ValueError, match="mu"):
+        editor_on_tiny("memit", [2], mu=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AlphaEdit
+
+
+def test_alphaedit_solve_matches_direct_solution_and_accumulates_keys(caplog) -> None:
+    alpha, threshold = 0.5, 1e-2
+    caplog.set_level(logging.INFO, logger="rlsedit.editors.alphaedit")
+    ed = editor_on_tiny("alphaedit", [2], alpha=alpha, nullspace_threshold=threshold)
+    sigma = ed.sigmas[2]
+    evals, evecs = torch.linalg.eigh(sigma)
+    U = evecs[:, evals < threshold * evals[-1]]
+    P = U @ U.T
+    assert torch.equal(ed.layer_state[2]["KpKpT"], torch.zeros(D_K, D_K, dtype=torch.float64))
+    K1, E1 = random_problem(1)
+    p1 = ed.solve(2, K1, E1, weight(ed, 2))
+    assert f"null space of dimension {U.shape[1]} of {D_K}" in caplog.text
+    eye = torch.eye(D_K, dtype=torch.float64)
+    direct1 = torch.linalg.solve(P @ (K1 @ K1.T) + alpha * eye, P @ K1 @ E1)
+    torch.testing.assert_close(p1.delta, direct1, rtol=1e-8, atol=1e-10)
+    # the update lives in the null space: (I - P) Delta = 0, so ordinary keys are not disturbed
+    assert float(((eye - P) @ p1.delta).abs().max()) < 1e-9
+    torch.testing.assert_close(p1.state["KpKpT"], K1 @ K1.T)
+    # the second batch keeps the first batch's keys in the objective
+    ed.layer_state[2] = p1.state
+    K2, E2 = random_problem(2)
+    p2 = ed.solve(2, K2, E2, weight(ed, 2))
+    direct2 = torch.linalg.solve(P @ (K1 @ K1.T + K2 @ K2.T) + alpha * eye, P @ K2 @ E2)
+    torch.testing.assert_close(p2.delta, direct2, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(p2.state["KpKpT"], K1 @ K1.T + K2 @ K2.T)
+
+
+@pytest.mark.parametrize("field", ["alpha", "nullspace_threshold"])
+def test_alphaedit_config_validation(field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        editor_on_tiny("alphaedit", [2], **{field: 0.0})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ROME
+
+
+def test_rome_solve_is_the_exact_rank_one_update() -> None:
+    lam, mu = 0.5, 3.0
+    ed = editor_on_tiny("rome", [2], lam=lam, mu=mu)
+    C_inv = torch.linalg.inv(lam**2 * torch.eye(D_K, dtype=torch.float64) + mu**2 * ed.sigmas[2])
+    K, E = random_problem(3, u=1)
+    W = weight(ed, 2).to(torch.float64)
+    p = ed.solve(2, K, E, W)
+    k, e = K[:, 0], E[0]
+    direct = torch.outer(C_inv @ k, e) / (k @ C_inv @ k)
+    torch.testing.assert_close(p.delta, direct, rtol=1e-8, atol=1e-10)
+    assert int(torch.linalg.matrix_rank(p.delta)) == 1
+    torch.testing.assert_close(k @ (W + p.delta), k @ W + e)  # the key now maps to its value exactly
+    # only lam / mu matters
+    ed2 = editor_on_tiny("rome", [2], lam=2 * lam, mu=2 * mu)
+    torch.testing.assert_close(ed2.solve(2, K, E, W).delta, p.delta, rtol=1e-8, atol=1e-10)
+
+
+def test_rome_solve_of_several_columns_is_sequential() -> None:
+    ed = editor_on_tiny("rome", [2])
+    K, E = random_problem(4, u=2)
+    W = weight(ed, 2).to(torch.float64)
+    first = ed.solve(2, K[:, :1], E[:1], W).delta
+    # the second column's value is relative to the weight the batch started from
+    second = ed.solve(2, K[:, 1:], (K[:, 1] @ W + E[1] - K[:, 1] @ (W + first))[None], W + first).delta
+    torch.testing.assert_close(ed.solve(2, K, E, W).delta, first + second, rtol=1e-9, atol=1e-12)
+
+
+def test_rome_needs_exactly_one_layer() -> None:
+    with pytest.raises(ValueError, match="exactly one layer"):
+        editor_on_tiny("rome", [2, 3])
+
+
+def test_rome_batch_equals_its_requests_one_by_one() -> None:
+    """A ROME batch is applied request by request: identical weights to one batch per request."""
+    reqs = [request(), request("Lyon", "Beirut")]
+    together = editor_on_tiny("rome", [3])
+    report = together.edit(reqs).batches[0]
+    apart = editor_on_tiny("rome", [3])
+    apart.edit(reqs[:1])
+    apart.edit(reqs[1:])
+    assert torch.equal(weight(together, 3), weight(apart, 3))
+    assert report.n_requests == 2 and len(together.batches) == 1
+    assert report.layers[3]["delta_norm"] > 0
+    assert {"targets", "keys", "update", "total"} <= set(report.timings)
+
+
+def test_rome_edit_reaches_the_target_hidden_state() -> None:
+    """With bare prompts, the key the update is solved for is the edited prompt's key: the last layer's
+    hidden state reaches the optimised target exactly."""
+    ed = editor_on_tiny("rome", [3])
+    report = ed.edit([request()]).batches[0]
+    assert report.residual_after < 1e-4 * report.residual_before
+
+
+# ----------------------------------------------------------------------------------------------------------
+# request by request in the base loop
+
+
+class _Counting(LocateThenEditEditor):
+    """Not registered: counts the requests it sees one at a time, records each key, changes nothing."""
+
+    name: ClassVar[str] = "counting"
+    one_request_at_a_time: ClassVar[bool] = True
+
+    def init_layer_state(
+        self, layer: int, W0: torch.Tensor, sigma: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        return {"n": torch.zeros((), dtype=torch.int64)}
+
+    def solve(self, layer: int, K: torch.Tensor, E: torch.Tensor, W: torch.Tensor) -> _Pending:
+        assert K.shape[1] == 1 and E.shape[0] == 1
+        n = self.layer_state[layer]["n"]
+        return _Pending(torch.zeros_like(W, dtype=torch.float64), {"n": n + 1}, {"K": K.float().contiguous()})
+
+
+def test_one_request_at_a_time_threads_state_and_keeps_records() -> None:
+    model, tok = tiny_models.tiny_model("llama")
+    cfg = build_config(_Counting.config_class, {}, {**FAST, "layers": [2, 3]})
+    sigmas = {layer: random_sigma(layer) for layer in range(num_layers(model))}
+    ed = _Counting(model, tok, cfg, sigmas=sigmas)
+    reqs = [request(), request("Lyon", "Beirut"), request("Toko Yasuda", "piano")]
+    ed.edit(reqs)
+    assert len(ed.batches) == 1
+    for layer in (2, 3):
+        assert int(ed.layer_state[layer]["n"]) == 3
+        rec = ed.load_record(ed.batches[0], layer)
+        assert sorted(rec) == ["0.K", "1.K", "2.K"]
+        assert all(t.shape == (D_K, 1) for t in rec.values())
+    ed.edit([request("Lionel Messi", "tennis")])
+    assert int(ed.layer_state[2]["n"]) == 4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FT
+
+
+def _max_change(ed: Any, layer: int, ref: torch.Tensor) -> float:
+    return float((weight(ed, layer) - ref).abs().max())
+
+
+def test_ft_respects_the_linf_bound_per_batch() -> None:
+    eps = 1e-3
+    ed = editor_on_tiny("ft", [3], lr=0.05, steps=5, norm_constraint=eps)
+    W0 = weight(ed, 3).clone()
+    report = ed.edit([request()]).batches[0]
+    change = _max_change(ed, 3, W0)
+    assert eps * 0.99 < change <= eps * (1 + 1e-4)  # the bound is active and holds
+    assert report.target_nll_final < report.target_nll_init
+    W1 = weight(ed, 3).clone()
+    ed.edit([request("Lyon", "Beirut")])
+    assert _max_change(ed, 3, W1) <= eps * (1 + 1e-4)
+    assert _max_change(ed, 3, W0) > eps * 1.01  # "batch": each batch has its own budget
+
+
+def test_ft_base_bound_holds_over_the_run() -> None:
+    eps = 1e-3
+    ed = editor_on_tiny("ft", [3], lr=0.05, steps=5, norm_constraint=eps, clamp_to="base")
+    W0 = weight(ed, 3).clone()
+    ed.edit([request()])
+    ed.edit([request("Lyon", "Beirut")])
+    assert _max_change(ed, 3, W0) <= eps * (1 + 1e-4)
+
+
+def test_ft_needs_no_statistics_and_leaves_no_gradients(monkeypatch) -> None:
+    import rlsedit.stats
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("FT must not compute statistics")
+
+    monkeypatch.setattr(rlsedit.stats, "second_moments", refuse)
+    model, tok = tiny_models.tiny_model("gpt2")
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    ed = make_editor("ft", model, tok, layers=[3], **FAST)
+    assert ed.sigmas == {}
+    ed.edit([request()])
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("lr", 0.0), ("steps", 0), ("norm_constraint", 0.0), ("clamp_to", "run"), ("stop_loss", -1.0)],
+)
+def test_ft_config_validation(field: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=field):
+        build_config(editor_class("ft").config_class, {}, {field: value})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# per-model defaults
+
+
+SMOLLM2 = SimpleNamespace(
+    config=SimpleNamespace(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30)
+)
+
+
+@pytest.mark.parametrize("name", ["rlsedit", "memit", "alphaedit", "rome", "ft"])
+def test_smollm2_defaults_build_valid_configs(name: str) -> None:
+    defaults = model_defaults(SMOLLM2, name)
+    cfg = build_config(editor_class(name).config_class, defaults, {})
+    assert all(0 <= layer < 30 for layer in cfg.layers)
+    if name in ("rome", "ft"):
+        assert cfg.layers == (5,)
+    else:
+        assert cfg.layers == (3, 4, 5, 6, 7)
