@@ -394,6 +394,8 @@ class LocateThenEditEditor:
     Subclasses set ``name`` and ``config_class`` and implement :meth:`init_layer_state` and
     :meth:`solve`. Per-layer state is a dict of tensors (``self.layer_state[layer]``), saved as
     safetensors; per-batch records (e.g. RLSEdit's ``K`` and ``V``) are written to the run directory.
+    FT, which has no closed-form solve, overrides :meth:`_locate_and_solve` and keeps the rest (batches,
+    rollback, saving).
     """
 
     name: ClassVar[str] = ""
