@@ -86,3 +86,20 @@ def test_bad_spec_values() -> None:
         ExperimentSpec(edits=0)
     with pytest.raises(ValueError, match="not supported"):
         ExperimentSpec(dataset="imagenet")
+
+
+def test_targets_cache_is_reused_and_exact(model_dir: Path, tmp_path: Path) -> None:
+    spec = ExperimentSpec(model=str(model_dir), split="tune", edits=4, batch_size=2, overrides=dict(SETTINGS))
+    cache, stats = tmp_path / "targets", tmp_path / "stats"
+    a = run_experiment(spec, tmp_path / "a", stats_dir=stats, targets_cache=cache)
+    assert len(list(cache.glob("targets-*.safetensors"))) == 2  # one per batch (model state differs)
+    b = run_experiment(spec, tmp_path / "b", stats_dir=stats, targets_cache=cache)
+    assert b["post"] == a["post"]
+    assert all(
+        r["timings"]["targets"] < 0.5 * max(x["timings"]["targets"] for x in a["batches"])
+        for r in b["batches"]
+    )
+    # another method on the same stream shares the first batch only (the model differs afterwards)
+    memit = ExperimentSpec(**{**spec.__dict__, "method": "memit", "overrides": dict(SETTINGS)})
+    run_experiment(memit, tmp_path / "c", stats_dir=stats, targets_cache=cache)
+    assert len(list(cache.glob("targets-*.safetensors"))) == 3

@@ -67,12 +67,13 @@ def _load(args: argparse.Namespace, default: str = "smollm2-135m"):
 
     name = args.model or default
     t0 = time.perf_counter()
-    model, tok = load_model(name, device=args.device, dtype=args.dtype)
+    device_map = getattr(args, "device_map", None)
+    model, tok = load_model(name, device=args.device, dtype=args.dtype, device_map=device_map)
     log.info("loaded %s in %.1fs", name, time.perf_counter() - t0)
     return name, model, tok
 
 
-def _add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+def _add_model_args(p: argparse.ArgumentParser, required: bool = False, device_map: bool = False) -> None:
     p.add_argument(
         "--model",
         default=None,
@@ -81,6 +82,12 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     )
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
     p.add_argument("--dtype", default=None, help="model dtype: float32 (default), bfloat16, float16")
+    if device_map:
+        p.add_argument(
+            "--device-map",
+            default=None,
+            help="spread the model over the GPUs (accelerate), e.g. auto or balanced; excludes --device",
+        )
 
 
 def _run_model_name(run: Path) -> str | None:
@@ -209,18 +216,92 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_stats(args: argparse.Namespace) -> int:
-    from rlsedit.models.arch import mlp_out_name
-    from rlsedit.stats import second_moments
+def _stats_defaults(model: Any) -> dict[str, Any]:
+    """What ``rlsedit stats`` computes by default for ``model``: the statistics its editors will ask for.
 
-    _, model, tok = _load(args)
-    layers = [int(x) for x in args.layers.split(",") if x.strip()]
-    names = [mlp_out_name(model, layer) for layer in layers]
-    res = second_moments(
-        model, tok, names, samples=args.samples, corpus=args.corpus, max_len=args.max_len, cache_dir=args.out
+    ``layers``: every layer an editor that uses statistics edits by default (per-model config, else the
+    generic layers); ``samples``, ``max_len``, ``corpus``: the per-model ``stats_*`` settings, else the
+    editors' defaults.
+    """
+    from rlsedit.configs import model_defaults
+    from rlsedit.editors.base import EditorConfig
+
+    base = EditorConfig()
+    layers: set[int] = set()
+    settings: dict[str, Any] = {}
+    for method in ("rlsedit", "memit", "alphaedit", "rome"):
+        d = model_defaults(model, method)
+        layers.update(int(x) for x in d.get("layers", base.layers))
+        if method == "rlsedit":
+            settings = d
+    return {
+        "layers": sorted(layers),
+        "samples": int(settings.get("stats_samples", base.stats_samples)),
+        "max_len": int(settings.get("stats_max_len", base.stats_max_len)),
+        "corpus": settings.get("stats_corpus", base.stats_corpus),
+    }
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    import torch
+
+    from rlsedit.models.arch import mlp_out_name
+    from rlsedit.models.load import model_fingerprint
+    from rlsedit.stats import (
+        corpus_texts,
+        init_distributed_from_env,
+        second_moments,
+        stats_cache_dir,
+        stats_key,
     )
-    for n, s in res.items():
-        _out(f"{n}: d_k={s.shape[0]}, trace={float(s.trace()):.4g}")
+
+    # Under torchrun (WORLD_SIZE set) every rank joins the process group (NCCL on GPUs, gloo on CPUs),
+    # streams its shard of the texts, the sums are all-reduced and rank 0 writes the files.
+    rank_device = init_distributed_from_env(args.device)
+    distributed = rank_device is not None
+    if distributed:
+        if getattr(args, "device_map", None):
+            torch.distributed.destroy_process_group()
+            raise SystemExit("rlsedit: --device-map cannot be combined with torchrun (one device per rank)")
+        args.device = str(rank_device)
+    rank = torch.distributed.get_rank() if distributed else 0
+    try:
+        _, model, tok = _load(args)
+        defaults = _stats_defaults(model)
+        if args.layers:
+            layers = [int(x) for x in args.layers.split(",") if x.strip()]
+        else:
+            layers = defaults["layers"]
+            log.info("layers from the model's defaults: %s", ",".join(map(str, layers)))
+        samples = args.samples if args.samples is not None else defaults["samples"]
+        max_len = args.max_len if args.max_len is not None else defaults["max_len"]
+        corpus = args.corpus if args.corpus is not None else defaults["corpus"]
+        names = [mlp_out_name(model, layer) for layer in layers]
+        res = second_moments(
+            model,
+            tok,
+            names,
+            samples=samples,
+            corpus=corpus,
+            max_len=max_len,
+            batch_size=args.batch_size,
+            cache_dir=args.out,
+        )
+        if rank == 0:
+            folder = stats_cache_dir(args.out) / model_fingerprint(model)
+            folder = folder / stats_key(corpus_texts(corpus)[1], samples, max_len)
+            for n, sigma in res.items():
+                _out(f"{n}: d_k={sigma.shape[0]}, trace={float(sigma.trace()):.4g}")
+            _out(f"statistics in {folder}")
+            _out(
+                f"editors use them with --stats {args.out or stats_cache_dir(None)} "
+                f"(and stats_samples={samples}, stats_max_len={max_len}"
+                + (f", stats_corpus={corpus}" if corpus is not None else "")
+                + " if these differ from the model's defaults)"
+            )
+    finally:
+        if distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
@@ -245,6 +326,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         stats_dir=args.stats,
         command="rlsedit " + " ".join(shlex.quote(a) for a in args.argv),
+        targets_cache=args.targets_cache,
     )
     _out(f"{'':16}{'efficacy':>10}{'general.':>10}{'specif.':>10}")
     for label, s in (("before editing", res["pre"]), (f"after {res['edits']} edits", res["post"])):
@@ -295,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("edit", help="apply edit requests (JSONL) to a model; resumable run directory")
-    _add_model_args(e)
+    _add_model_args(e, device_map=True)
     e.add_argument("--method", default="rlsedit", help="editor name (see `rlsedit methods`)")
     e.add_argument("--requests", required=True, help="JSONL file of requests")
     e.add_argument("--run", required=True, help="run directory (created, or resumed if it exists)")
@@ -305,24 +387,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_edit)
 
     r = sub.add_parser("retract", help="take an applied batch (or one request of it) back")
-    _add_model_args(r)
+    _add_model_args(r, device_map=True)
     r.add_argument("--run", required=True)
     r.add_argument("--batch", type=int, required=True)
     r.add_argument("--request", type=int, default=None, help="index of one request in the batch")
     r.set_defaults(func=cmd_retract)
 
     x = sub.add_parser("export", help="write the edited model and, separately, the weight changes")
-    _add_model_args(x)
+    _add_model_args(x, device_map=True)
     x.add_argument("--run", required=True)
     x.add_argument("--out", required=True)
     x.add_argument("--deltas-only", action="store_true")
     x.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("stats", help="compute and cache second-moment statistics of layers' keys")
-    _add_model_args(s)
-    s.add_argument("--layers", required=True, help="comma-separated layer indices")
-    s.add_argument("--samples", type=int, default=1000)
-    s.add_argument("--max-len", type=int, default=128)
+    s = sub.add_parser(
+        "stats",
+        help="compute and cache second-moment statistics of layers' keys (runs under torchrun as well)",
+    )
+    _add_model_args(s, device_map=True)
+    s.add_argument("--layers", default=None, help="comma-separated layer indices (default: the model's)")
+    s.add_argument("--samples", type=_positive_int, default=None, help="texts (default: the model's)")
+    s.add_argument("--max-len", type=_positive_int, default=None, help="tokens per text (default: model's)")
+    s.add_argument("--batch-size", type=_positive_int, default=8, help="texts per forward")
     s.add_argument("--corpus", default=None, help="JSONL (field text) or text file; default: wikipedia-leads")
     s.add_argument("--out", default=None, help="statistics folder (default: the user cache)")
     s.set_defaults(func=cmd_stats)
@@ -344,6 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--eval-every", type=int, default=0, help="score every K edits (0: only at the end)")
     rn.add_argument("--out", required=True, help="experiment folder (resumed if it exists)")
     rn.add_argument("--stats", default=None, help="folder of cached second-moment statistics")
+    rn.add_argument(
+        "--targets-cache",
+        default=None,
+        help="folder keeping optimised targets; reused for the same model state and requests",
+    )
     rn.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (JSON)")
     rn.set_defaults(func=cmd_run)
 

@@ -98,10 +98,13 @@ def run_experiment(
     dtype: str | None = None,
     stats_dir: str | Path | None = None,
     command: str | None = None,
+    targets_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the experiment ``spec`` in folder ``out``; return the results dict.
 
-    A folder holding a different spec is refused (start a new folder instead).
+    A folder holding a different spec is refused (start a new folder instead). ``targets_cache``: a
+    folder where optimised targets are kept and reused for exactly the same model state and requests
+    (several methods run on the same stream share their first batch's targets).
     """
     from rlsedit.editors import load_editor, make_editor
     from rlsedit.models.load import load_model
@@ -141,6 +144,7 @@ def run_experiment(
             editor.load_name = spec.model
             editor.attach(store)
             log.info("editor ready in %.1fs", time.perf_counter() - t0)
+        editor.targets_cache = targets_cache
         batches_path = out / "batches.json"
         reports: list[dict[str, Any]] = load_json(batches_path) if batches_path.exists() else []
         (out / "checkpoints").mkdir(exist_ok=True)

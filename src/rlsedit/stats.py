@@ -1,10 +1,22 @@
 """Second moment ``E[k k^T]`` of a layer's keys over a text corpus.
 
 Keys are the inputs of the edited projection (``d_k``) at every non-padding token. The sums are streamed
-in float64 with a progress bar, written to a cache keyed by the model's fingerprint, the module, the
-corpus and the sample count, and resumed from the last checkpoint if a run was interrupted. Under
-``torch.distributed`` each rank streams its own shard (texts ``rank::world_size``) and the sums are
-all-reduced, so the result equals the single-process one.
+in float64 (on each module's own device) with a progress bar, written to a cache keyed by the model's
+fingerprint, the module, the corpus and the sample count, and resumed from the last checkpoint if a run
+was interrupted.
+
+Layout of a statistics folder (``rlsedit stats --out DIR``, or the user cache)::
+
+    DIR/<model fingerprint>/v1-<corpus id>-n<samples>-len<max_len>/<module name>.safetensors
+
+each file holding ``sum`` (``(d_k, d_k)`` float64, the sum of ``k k^T`` over tokens) and ``count`` (the
+number of tokens). Editors given ``stats_dir=DIR`` (``--stats DIR``) read the set that matches their
+``stats_samples`` / ``stats_max_len`` / ``stats_corpus`` and compute nothing.
+
+Under ``torch.distributed`` (e.g. ``torchrun --nproc_per_node K -m rlsedit stats ...``, see
+:func:`init_distributed_from_env`) each rank streams its own shard (texts ``rank::world_size``), the sums and
+the token count are all-reduced and rank 0 writes the files, so the result equals the single-process one
+up to float64 summation order.
 """
 
 from __future__ import annotations
@@ -12,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,10 +33,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rlsedit.hooks import trace
+from rlsedit.models.arch import get_module, input_device, kv_dims, weight_kv
 from rlsedit.models.load import model_fingerprint
 from rlsedit.store import CorruptStateError, load_tensors, save_tensors
 
-__all__ = ["second_moments", "stats_cache_dir", "corpus_texts"]
+__all__ = [
+    "second_moments",
+    "stats_cache_dir",
+    "corpus_texts",
+    "stats_key",
+    "available_stats",
+    "init_distributed_from_env",
+]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +102,94 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+def _reduce_device() -> torch.device:
+    """Where collective buffers live: this rank's current CUDA device under NCCL, else the CPU."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_ranks_agree(flag: bool) -> bool:
+    """``flag`` and-ed over every rank (the flag itself when not distributed)."""
+    rank, world = _dist()
+    if world == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_reduce_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def init_distributed_from_env(device: str | torch.device | None = None) -> torch.device | None:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` set); a no-op otherwise.
+
+    The backend is NCCL when this rank computes on a GPU, else gloo. Each rank uses GPU ``LOCAL_RANK``
+    unless ``device`` names another one explicitly (``"cuda:3"``); ``device=None`` or ``"cuda"`` means
+    ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU.
+
+    Returns:
+        the device this rank should put the model on, or None when not launched by torchrun (or when the
+        process group is already initialised: then the caller's placement is kept).
+    """
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) < 1:
+        return None
+    if torch.distributed.is_initialized():
+        return None
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(device) if device is not None else None
+    if dev is None or (dev.type == "cuda" and dev.index is None):
+        dev = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend=backend)
+    log.info(
+        "rank %d of %d (%s, local rank %d) on %s",
+        torch.distributed.get_rank(),
+        torch.distributed.get_world_size(),
+        backend,
+        local,
+        dev,
+    )
+    return dev
+
+
+def stats_key(corpus_id: str, samples: int, max_len: int) -> str:
+    """The folder name of one statistics set (under the model's fingerprint)."""
+    return f"v{STATS_VERSION}-{corpus_id}-n{samples}-len{max_len}"
+
+
+_KEY_RE = re.compile(r"^v(?P<version>\d+)-(?P<corpus>.+)-n(?P<samples>\d+)-len(?P<max_len>\d+)$")
+
+
+def available_stats(
+    cache_dir: str | os.PathLike | None, model: nn.Module, module_names: Sequence[str]
+) -> list[dict[str, str | int]]:
+    """The statistics sets of ``model`` in ``cache_dir`` that hold every one of ``module_names``.
+
+    Returns:
+        ``[{"key", "corpus", "samples", "max_len", "path"}]`` (current format version only), sorted by key.
+    """
+    root = stats_cache_dir(cache_dir) / model_fingerprint(model)
+    if not root.is_dir():
+        return []
+    out: list[dict[str, str | int]] = []
+    for folder in sorted(root.iterdir()):
+        m = _KEY_RE.match(folder.name)
+        if not m or int(m["version"]) != STATS_VERSION or not folder.is_dir():
+            continue
+        if all((folder / f"{n}.safetensors").is_file() for n in module_names):
+            out.append(
+                {
+                    "key": folder.name,
+                    "corpus": m["corpus"],
+                    "samples": int(m["samples"]),
+                    "max_len": int(m["max_len"]),
+                    "path": str(folder),
+                }
+            )
+    return out
+
+
 @torch.no_grad()
 def _accumulate(
     model: nn.Module,
@@ -95,16 +204,19 @@ def _accumulate(
     checkpoint,
     progress: bool,
 ) -> int:
-    device = next(model.parameters()).device
+    device = input_device(model)
     bar = tqdm(total=len(texts), initial=done, desc="second moment", unit="text", disable=not progress)
     for start in range(done, len(texts), batch_size):
         chunk = list(texts[start : start + batch_size])
         enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_len)
-        mask = enc["attention_mask"].to(device).bool()
+        mask = enc["attention_mask"].bool()
         with trace(model, module_names, capture_input=True, capture_output=False, stop=True) as tr:
-            model(input_ids=enc["input_ids"].to(device), attention_mask=mask.long(), use_cache=False)
+            model(
+                input_ids=enc["input_ids"].to(device), attention_mask=mask.long().to(device), use_cache=False
+            )
         for name in module_names:
-            x = tr[name].input[mask].to(torch.float64)
+            keys = tr[name].input  # (batch, seq, d_k), on the module's device
+            x = keys[mask.to(keys.device)].to(torch.float64)  # (tokens, d_k)
             sums[name] += (x.T @ x).to(sums[name].device)
         count += int(mask.sum())
         done = start + len(chunk)
@@ -145,7 +257,7 @@ def second_moments(
     texts = texts[:samples]
     rank, world = _dist()
     shard = texts[rank::world]
-    key = f"v{STATS_VERSION}-{corpus_id}-n{samples}-len{max_len}"
+    key = stats_key(corpus_id, samples, max_len)
     folder = stats_cache_dir(cache_dir) / model_fingerprint(model) / key
     names = list(module_names)
     result: dict[str, torch.Tensor] = {}
@@ -158,23 +270,26 @@ def second_moments(
                     result[name] = t["sum"] / float(t["count"].item())
                 except CorruptStateError as exc:
                     log.warning("ignoring a corrupt statistics file: %s", exc)
-        if len(result) == len(names):
+        # every rank must take the same branch (a rank that skips the computation would leave the others
+        # waiting in the all-reduce), e.g. when only rank 0 sees the cache folder
+        if _all_ranks_agree(len(result) == len(names)):
             log.info("second moments loaded from %s", folder)
             return result
+        if world > 1:
+            result = {}
     todo = [n for n in names if n not in result]
-    d = {}
-    for n in todo:
-        from rlsedit.models.arch import get_module, kv_dims
-
-        d[n] = kv_dims(get_module(model, n))[0]
-    sums = {n: torch.zeros(d[n], d[n], dtype=torch.float64) for n in todo}
+    # the sums live on each module's device (a d_k x d_k float64 copy to the host per batch would dominate
+    # the time on a GPU); they come back to the CPU at the end
+    where = {n: weight_kv(get_module(model, n)).device for n in todo}
+    d = {n: kv_dims(get_module(model, n))[0] for n in todo}
+    sums = {n: torch.zeros(d[n], d[n], dtype=torch.float64, device=where[n]) for n in todo}
     count, done = 0, 0
     partial = folder / f"partial-rank{rank}of{world}.safetensors"
     if use_cache and partial.is_file():
         try:
             t = load_tensors(partial)
             if set(k for k in t if k.startswith("sum:")) == {f"sum:{n}" for n in todo}:
-                sums = {n: t[f"sum:{n}"] for n in todo}
+                sums = {n: t[f"sum:{n}"].to(where[n]) for n in todo}
                 count, done = int(t["count"].item()), int(t["done"].item())
                 log.info("resuming statistics at text %d of %d", done, len(shard))
         except CorruptStateError as exc:
@@ -206,18 +321,15 @@ def second_moments(
         progress and rank == 0,
     )
     if world > 1:
-        dev = (
-            torch.device("cuda", torch.cuda.current_device())
-            if (torch.distributed.get_backend() == "nccl")
-            else torch.device("cpu")
-        )
+        dev = _reduce_device()
         for n in todo:
             buf = sums[n].to(dev)
             torch.distributed.all_reduce(buf)
-            sums[n] = buf.cpu()
-        c = torch.tensor([count], dtype=torch.float64, device=dev)
+            sums[n] = buf
+        c = torch.tensor([count], dtype=torch.int64, device=dev)
         torch.distributed.all_reduce(c)
         count = int(c.item())
+    sums = {n: t.cpu() for n, t in sums.items()}
     if count == 0:
         raise ValueError("the corpus produced no tokens")
     for n in todo:
@@ -231,5 +343,7 @@ def second_moments(
             )
     if use_cache and partial.is_file():
         partial.unlink()
-    log.info("second moments of %d modules over %d tokens", len(todo), count)
+    if world > 1:  # the files exist once any rank returns
+        torch.distributed.barrier()
+    log.info("second moments of %d modules over %d tokens (%d rank(s))", len(todo), count, world)
     return result

@@ -64,15 +64,16 @@ class AlphaEditEditor(LocateThenEditEditor):
     def init_layer_state(
         self, layer: int, W0: torch.Tensor, sigma: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
-        """``{"KpKpT": zeros (d_k, d_k) float64}``: no earlier keys yet."""
+        """``{"KpKpT": zeros (d_k, d_k) float64}`` on the layer's device: no earlier keys yet."""
         d_k = W0.shape[0]
-        return {"KpKpT": torch.zeros(d_k, d_k, dtype=torch.float64)}
+        return {"KpKpT": torch.zeros(d_k, d_k, dtype=torch.float64, device=W0.device)}
 
     def projector(self, layer: int) -> torch.Tensor:
-        """The null-space projector ``P`` (``d_k x d_k``, float64, CPU) of ``layer``, computed once."""
+        """The null-space projector ``P`` (``d_k x d_k``, float64, on the layer's device) of ``layer``,
+        computed once."""
         cache = self._projectors
         if layer not in cache:
-            sigma = self.sigmas[layer].to(torch.float64)
+            sigma = self.sigma_on_device(layer).to(torch.float64)
             P, dim = nullspace_projector(sigma, self.config.nullspace_threshold)
             log.info(
                 "alphaedit layer %d: null space of dimension %d of %d kept (threshold %g)",
@@ -92,9 +93,9 @@ class AlphaEditEditor(LocateThenEditEditor):
 
     def solve(self, layer: int, K: torch.Tensor, E: torch.Tensor, W: torch.Tensor) -> _Pending:
         """``Delta (d_k, d_v)`` for keys ``K (d_k, u)`` and residual ``E (u, d_v)``; the next state adds
-        ``K K^T`` to ``K_p K_p^T``. Float64 on the CPU; nothing recorded."""
-        K64 = K.to(torch.float64).cpu()
-        E64 = E.to(torch.float64).cpu()
+        ``K K^T`` to ``K_p K_p^T``. Float64 on the layer's device; nothing recorded."""
         KpKpT = self.layer_state[layer]["KpKpT"]
+        K64 = K.to(device=KpKpT.device, dtype=torch.float64)
+        E64 = E.to(device=KpKpT.device, dtype=torch.float64)
         delta = alphaedit_delta(self.projector(layer), KpKpT, K64, E64, self.config.alpha)
         return _Pending(delta=delta, state={"KpKpT": KpKpT + K64 @ K64.T}, record={})

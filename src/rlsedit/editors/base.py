@@ -454,14 +454,38 @@ class LocateThenEditEditor:
             self.sigmas = {layer: sigmas[layer].to(torch.float64).cpu() for layer in config.layers}
         else:
             self.sigmas = {}
+        # Each layer's state lives on that layer's device (a model spread by device_map has several).
         for layer in config.layers:
-            self.layer_state[layer] = self.init_layer_state(layer, self.W0[layer], self.sigmas.get(layer))
+            sigma = self.sigma_on_device(layer) if layer in self.sigmas else None
+            state = self.init_layer_state(layer, self.W0[layer], sigma)
+            self.layer_state[layer] = self._on_layer_device(layer, state)
+
+    def layer_device(self, layer: int) -> torch.device:
+        """The device of edited layer ``layer``'s weight (where its state and solves live)."""
+        return weight_kv(get_module(self.model, self.modules[layer])).device
+
+    def _on_layer_device(self, layer: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        dev = self.layer_device(layer)
+        return {k: v.to(dev) for k, v in state.items()}
+
+    def sigma_on_device(self, layer: int) -> torch.Tensor:
+        """``Sigma`` (``(d_k, d_k)`` float64) of ``layer`` on the layer's device (the copy is kept)."""
+        dev = self.layer_device(layer)
+        sigma = self.sigmas[layer]
+        if sigma.device == dev:
+            return sigma
+        cache: dict[int, torch.Tensor] = self.__dict__.setdefault("_sigma_on_device", {})
+        if layer not in cache or cache[layer].device != dev:
+            cache[layer] = sigma.to(dev)
+        return cache[layer]
 
     def _compute_sigmas(self) -> dict[int, torch.Tensor]:
         from rlsedit.stats import second_moments
 
         cfg = self.config
         names = [self.modules[layer] for layer in cfg.layers]
+        if self.stats_dir is not None:
+            self._check_stats_dir(names)
         s = second_moments(
             self.model,
             self.tokenizer,
@@ -473,22 +497,67 @@ class LocateThenEditEditor:
         )
         return {layer: s[self.modules[layer]] for layer in cfg.layers}
 
+    def _check_stats_dir(self, names: list[str]) -> None:
+        """Say whether ``stats_dir`` holds the statistics this editor asks for; warn, before they are
+        computed anew, when it holds other statistics of this model or statistics of other models only."""
+        from rlsedit.models.load import model_fingerprint
+        from rlsedit.stats import available_stats, corpus_texts, stats_cache_dir, stats_key
+
+        cfg = self.config
+        sets = available_stats(self.stats_dir, self.model, names)
+        want = stats_key(corpus_texts(cfg.stats_corpus)[1], cfg.stats_samples, cfg.stats_max_len)
+        if any(x["key"] == want for x in sets):
+            log.info("using the precomputed statistics in %s", stats_cache_dir(self.stats_dir))
+            return
+        if sets:
+            found = "; ".join(
+                f"stats_samples={x['samples']}, stats_max_len={x['max_len']}, corpus {x['corpus']}"
+                for x in sets
+            )
+            log.warning(
+                "%s holds statistics of this model with other settings (%s) than the editor's "
+                "(stats_samples=%d, stats_max_len=%d, stats_corpus=%s): computing new ones. Set the "
+                "editor's stats_* options (--set stats_samples=...) to use the precomputed ones.",
+                self.stats_dir,
+                found,
+                cfg.stats_samples,
+                cfg.stats_max_len,
+                cfg.stats_corpus,
+            )
+            return
+        root = stats_cache_dir(self.stats_dir)
+        mine = model_fingerprint(self.model)
+        others = [d.name for d in root.iterdir() if d.is_dir() and d.name != mine] if root.is_dir() else []
+        if others:
+            log.warning(
+                "%s holds no statistics of this model (fingerprint %s) for %s, only of %d other model "
+                "fingerprint(s): the fingerprint depends on the weights and their dtype, so load the model "
+                "with the same --dtype as `rlsedit stats` did. Computing them now.",
+                self.stats_dir,
+                mine,
+                ", ".join(names),
+                len(others),
+            )
+
     # -- hooks for subclasses ---------------------------------------------------------------------------
 
     def init_layer_state(
         self, layer: int, W0: torch.Tensor, sigma: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
-        """Initial per-layer state (tensors) from ``W0 (d_k, d_v)`` and ``Sigma (d_k, d_k)``."""
+        """Initial per-layer state (tensors) from ``W0 (d_k, d_v)`` and ``Sigma (d_k, d_k)`` (both on the
+        layer's device; Sigma float64). The state is moved to the layer's device if it is not there."""
         return {}
 
     def solve(self, layer: int, K: torch.Tensor, E: torch.Tensor, W: torch.Tensor) -> _Pending:
         """The weight change of one layer.
 
         Args:
-            K: ``(d_k, u)`` keys (columns). E: ``(u, d_v)`` this layer's share of the residual.
-            W: ``(d_k, d_v)`` the current weight.
+            K: ``(d_k, u)`` keys (columns), float64. E: ``(u, d_v)`` this layer's share of the residual,
+                float64. Both on the layer's device.
+            W: ``(d_k, d_v)`` the current weight (the layer's dtype and device).
         Returns:
-            a :class:`_Pending` with ``delta (d_k, d_v)``, the layer's next state and what to record.
+            a :class:`_Pending` with ``delta (d_k, d_v)`` (any device and dtype: it is cast to the
+            weight's when written), the layer's next state (on the layer's device) and what to record.
         """
         raise NotImplementedError
 
@@ -725,7 +794,7 @@ class LocateThenEditEditor:
         last_layer = cfg.layers[-1]
         read = block_name(self.model, last_layer)
         t0 = time.perf_counter()
-        tr = compute_targets(self.model, self.tokenizer, reqs, last_layer, self.templates, cfg.targets)
+        tr = self._targets(reqs, last_layer)
         z = tr.z
         report.target_nll_init = float(tr.nll_init.mean())
         report.target_nll_final = float(tr.nll_final.mean())
@@ -738,12 +807,13 @@ class LocateThenEditEditor:
             cur = compute_hidden(self.model, self.tokenizer, reqs, read)
             timings["keys"] += time.perf_counter() - t1
             t2 = time.perf_counter()
-            resid = (z - cur).to(torch.float64)
+            W = weights[layer]
+            dev = W.device  # keys, residual and the solve follow the edited layer's device
+            resid = (z.to(cur.device) - cur).to(device=dev, dtype=torch.float64)
             if i == 0:
                 report.residual_before = float(resid.norm(dim=1).mean())
             E = resid / (len(cfg.layers) - i)
-            W = weights[layer]
-            p = self.solve(layer, K.to(torch.float64), E, W.detach())
+            p = self.solve(layer, K.to(device=dev, dtype=torch.float64), E, W.detach())
             self._check_delta(layer, p.delta, W)
             add_delta_kv(get_module(self.model, self.modules[layer]), p.delta)
             pendings[layer] = p
@@ -754,13 +824,78 @@ class LocateThenEditEditor:
             }
             timings["update"] += time.perf_counter() - t2
         cur = compute_hidden(self.model, self.tokenizer, reqs, read)
-        report.residual_after = float((z - cur).norm(dim=1).mean())
+        report.residual_after = float((z.to(cur.device) - cur).norm(dim=1).mean())
         return pendings, timings
+
+    #: Optional folder caching target results (set by ``rlsedit run --targets-cache``); see :meth:`_targets`.
+    targets_cache: str | Path | None = None
+
+    def _targets_key(self, reqs: list[EditRequest], layer: int) -> str:
+        """Everything the targets depend on: the model (architecture and all weights, with the edited
+        matrices hashed in full), the requests, the layer, the templates and the target settings."""
+        from rlsedit.models.load import model_fingerprint
+
+        h = hashlib.sha256()
+        h.update(model_fingerprint(self.model).encode())
+        for w in self._weights().values():
+            h.update(w.detach().to("cpu").contiguous().numpy().tobytes())
+        payload = {
+            "requests": [r.to_dict() for r in reqs],
+            "layer": layer,
+            "templates": list(self.templates),
+            "targets": dataclasses.asdict(self.config.targets),
+        }
+        h.update(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode())
+        return h.hexdigest()[:32]
+
+    def _targets(self, reqs: list[EditRequest], layer: int):
+        """Target hidden states for ``reqs`` at ``layer`` (:class:`TargetResult`, ``z``: ``(u, d_model)``).
+
+        With ``targets_cache`` set, a result computed before for exactly the same model state, requests,
+        templates and settings is read back instead of optimised again (e.g. the first batch of
+        several methods compared on the same stream).
+        """
+        from rlsedit.locate.targets import TargetResult
+        from rlsedit.store import load_tensors, save_tensors
+
+        cfg = self.config
+        path = None
+        if self.targets_cache is not None:
+            path = Path(self.targets_cache) / f"targets-{self._targets_key(reqs, layer)}.safetensors"
+            if path.is_file():
+                try:
+                    t = load_tensors(path)
+                    log.info("targets read from the cache %s", path)
+                    return TargetResult(
+                        z=t["z"],
+                        h0=t["h0"],
+                        nll_init=t["nll_init"],
+                        nll_final=t["nll_final"],
+                        steps=t["steps"],
+                        seconds=0.0,
+                        extra={"cached": True},
+                    )
+                except CorruptStateError as exc:
+                    log.warning("ignoring a corrupt cached target file: %s", exc)
+        tr = compute_targets(self.model, self.tokenizer, reqs, layer, self.templates, cfg.targets)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_tensors(
+                path,
+                {
+                    "z": tr.z.detach().cpu().contiguous(),
+                    "h0": tr.h0.detach().cpu().contiguous(),
+                    "nll_init": tr.nll_init.contiguous(),
+                    "nll_final": tr.nll_final.contiguous(),
+                    "steps": tr.steps.contiguous(),
+                },
+            )
+        return tr
 
     def _check_delta(self, layer: int, delta: torch.Tensor, W: torch.Tensor) -> None:
         if not torch.isfinite(delta).all():
             raise EditError(f"layer {layer}: the update is not finite; the batch was rolled back")
-        ratio = float(delta.detach().norm() / W.detach().norm().clamp_min(1e-12))
+        ratio = float(delta.detach().norm()) / max(float(W.detach().norm()), 1e-12)  # devices may differ
         if ratio > self.config.max_delta_ratio:
             raise EditError(
                 f"layer {layer}: the update's norm is {ratio:.3g} x the weight's (bound "
@@ -891,6 +1026,7 @@ class LocateThenEditEditor:
                 self.layer_state[layer] = store.load_state(f"layer{layer}")
             except LookupError:  # no group: the editor keeps no state (MEMIT, ROME, FT)
                 self.layer_state[layer] = {}
+            self.layer_state[layer] = self._on_layer_device(layer, self.layer_state[layer])
         for layer, name in self.modules.items():
             w = weight_kv(get_module(self.model, name))
             saved = weights[str(layer)]

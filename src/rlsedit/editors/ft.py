@@ -30,7 +30,7 @@ from torch import nn
 from rlsedit.editors.base import BatchReport, EditorConfig, LocateThenEditEditor, _Pending, register_editor
 from rlsedit.locate.targets import frozen_params
 from rlsedit.locate.tokens import encode_text_upto, pad_id_of, pad_rows, target_ids
-from rlsedit.models.arch import add_delta_kv, get_module
+from rlsedit.models.arch import add_delta_kv, get_module, input_device
 from rlsedit.requests import EditRequest
 
 __all__ = ["FTConfig", "FTEditor"]
@@ -138,9 +138,10 @@ class FTEditor(LocateThenEditEditor):
     def _loss(self, batch: _Rows) -> torch.Tensor:
         """Mean over requests of the mean per-token NLL of ``target_new`` (a scalar)."""
         logits = self.model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits
-        logp = torch.log_softmax(logits[batch.rows, batch.pos].float(), -1)
-        nll = -logp.gather(1, batch.tok[:, None])[:, 0]
-        return (nll * batch.weight).sum()
+        dev = logits.device  # the LM head's device (not the input's when the model is spread)
+        logp = torch.log_softmax(logits[batch.rows.to(dev), batch.pos.to(dev)].float(), -1)
+        nll = -logp.gather(1, batch.tok.to(dev)[:, None])[:, 0]
+        return (nll * batch.weight.to(dev)).sum()
 
     def _locate_and_solve(
         self, reqs: list[EditRequest], report: BatchReport
@@ -149,16 +150,15 @@ class FTEditor(LocateThenEditEditor):
         them into the model (checked like every update). No state, nothing recorded."""
         cfg = self.config
         t0 = time.perf_counter()
-        device = next(self.model.parameters()).device
-        batch = _encode(self.tokenizer, reqs, device)
+        batch = _encode(self.tokenizer, reqs, input_device(self.model))
         weights = self._weights()
         eps = cfg.norm_constraint
         D: dict[int, torch.Tensor] = {}
         room: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # clamp_to="base": bounds of D
-        for layer, W in weights.items():
-            D[layer] = torch.zeros(W.shape, device=device, dtype=torch.float32, requires_grad=True)
+        for layer, W in weights.items():  # each D on its layer's device
+            D[layer] = torch.zeros(W.shape, device=W.device, dtype=torch.float32, requires_grad=True)
             if cfg.clamp_to == "base":  # the room between W and W0 +- eps (W is already within the bound)
-                offset = self.W0[layer].to(device=device, dtype=torch.float32) - W.detach().float()
+                offset = self.W0[layer].to(device=W.device, dtype=torch.float32) - W.detach().float()
                 room[layer] = ((offset - eps).clamp_max(0.0), (offset + eps).clamp_min(0.0))
         opt = torch.optim.Adam(list(D.values()), lr=cfg.lr)
         losses: list[float] = []

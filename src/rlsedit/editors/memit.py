@@ -52,7 +52,10 @@ class MEMITEditor(LocateThenEditEditor):
 
     def solve(self, layer: int, K: torch.Tensor, E: torch.Tensor, W: torch.Tensor) -> _Pending:
         """``Delta (d_k, d_v) = (mu^2 Sigma + K K^T)^{-1} K E`` for keys ``K (d_k, u)``, residual
-        ``E (u, d_v)``; float64, on the CPU. No state, nothing recorded."""
-        sigma = self.sigmas[layer]
-        delta = memit_delta(sigma, K.to(torch.float64).cpu(), E.to(torch.float64).cpu(), self.config.mu)
+        ``E (u, d_v)``; float64, on the layer's device. No state, nothing recorded."""
+        sigma = self.sigma_on_device(layer)
+        dev = sigma.device
+        K64 = K.to(device=dev, dtype=torch.float64)
+        E64 = E.to(device=dev, dtype=torch.float64)
+        delta = memit_delta(sigma, K64, E64, self.config.mu)
         return _Pending(delta=delta, state={}, record={})

@@ -9,6 +9,11 @@ Per edited layer the editor carries ``C_t = A_t^{-1}`` (``d_k x d_k``), where
 with a per-batch cost that does not grow with the number of edits. The recorded targets are
 ``V_t = K_t^T W_{t-1} + E_t`` (E_t: this layer's share of the residual). Recorded ``K_s`` and ``V_s`` are
 written to the run directory, so any batch, or one request, can be retracted exactly later.
+
+Layer state: ``C`` (``C_t``), ``A`` (``A_t``, float64) and the running sums over the active requests
+``B = sum_s K_s V_s`` (``(d_k, d_v)``, float64) and ``vv = sum_s ||V_s||_F^2`` (a float64 scalar), so that
+the objective's terms can be evaluated without reading the records (:mod:`rlsedit.eval.objective`), with
+``sum_s K_s K_s^T = A_t - A_0``. A run saved before ``B`` and ``vv`` existed resumes without them.
 """
 
 from __future__ import annotations
@@ -23,11 +28,20 @@ from rlsedit.editors.base import EditorConfig, LocateThenEditEditor, _Pending, r
 from rlsedit.linalg import RetractionError, drift, initial_inverse, reinvert, rls_retract, rls_step
 from rlsedit.models.arch import add_delta_kv, get_module
 
-__all__ = ["RLSEditConfig", "RLSEditor"]
+__all__ = ["RLSEditConfig", "RLSEditor", "anchor_matrix"]
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def anchor_matrix(sigma: torch.Tensor, lam: float, mu: float) -> torch.Tensor:
+    """``A_0 = lam^2 I + mu^2 Sigma`` (``(d_k, d_k)``, float64, on Sigma's device; Sigma symmetrised)
+    exactly as ``C_0`` inverts it."""
+    s64 = sigma.to(torch.float64)
+    A0 = (mu**2) * (0.5 * (s64 + s64.T))
+    A0.diagonal().add_(lam**2)
+    return A0
 
 
 @dataclass
@@ -81,29 +95,41 @@ class RLSEditor(LocateThenEditEditor):
     def init_layer_state(
         self, layer: int, W0: torch.Tensor, sigma: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
+        """``C_0 = (lam^2 I + mu^2 Sigma)^{-1}`` in ``state_dtype`` and ``A_0`` (float64), both ``(d_k, d_k)``
+        on Sigma's device (the layer's), and the zero running sums ``B (d_k, d_v)`` and ``vv ()``."""
         cfg = self.config
         assert sigma is not None
         C0 = initial_inverse(sigma, cfg.lam, cfg.mu, dtype=cfg.dtype)
         # A_0 exactly as C_0 inverts it (initial_inverse symmetrises Sigma), in float64
-        s64 = sigma.to(torch.float64)
-        A0 = (cfg.mu**2) * (0.5 * (s64 + s64.T))
-        A0.diagonal().add_(cfg.lam**2)
-        return {"C": C0, "A": A0}
+        A0 = anchor_matrix(sigma, cfg.lam, cfg.mu)
+        B = torch.zeros(tuple(W0.shape), dtype=torch.float64, device=A0.device)
+        return {"C": C0, "A": A0, "B": B, "vv": torch.zeros((), dtype=torch.float64, device=A0.device)}
 
     def solve(self, layer: int, K: torch.Tensor, E: torch.Tensor, W: torch.Tensor) -> _Pending:
+        """One RLS step for keys ``K (d_k, u)`` and residual share ``E (u, d_v)``.
+
+        Runs on the device of the layer's state ``C`` (the layer's device), in ``C``'s dtype for ``C`` and
+        float64 for ``W``; the delta ``(d_k, d_v)`` is cast to the weight's dtype when written. Records
+        ``K`` and ``V = K^T W + E`` (float32, CPU) for retraction.
+        """
         st = self.layer_state[layer]
-        W64 = W.to(torch.float64).cpu()
+        dev = st["C"].device
+        W64 = W.to(device=dev, dtype=torch.float64)
         # The recorded K and V are float32; the update uses exactly the recorded values so that
         # retraction later removes exactly what was added.
-        K32 = K.to(torch.float32).cpu()
-        V32 = (K32.to(torch.float64).T @ W64 + E.cpu()).to(torch.float32)
+        K32 = K.to(device=dev, dtype=torch.float32)
+        V32 = (K32.to(torch.float64).T @ W64 + E.to(dev)).to(torch.float32)
         K64, V64 = K32.to(torch.float64), V32.to(torch.float64)
         C_next, W_next = rls_step(st["C"], W64, K64, V64)
         delta = W_next - W64
+        state = {"C": C_next, "A": st["A"] + K64 @ K64.T}
+        if "B" in st:  # running sums (absent in runs saved before they existed)
+            state["B"] = st["B"] + K64 @ V64
+            state["vv"] = st["vv"] + (V64 * V64).sum()
         return _Pending(
             delta=delta,
-            state={"C": C_next, "A": st["A"] + K64 @ K64.T},
-            record={"K": K32.contiguous(), "V": V32.contiguous()},
+            state=state,
+            record={"K": K32.cpu().contiguous(), "V": V32.cpu().contiguous()},
         )
 
     def after_batch(self) -> None:
@@ -179,28 +205,33 @@ class RLSEditor(LocateThenEditEditor):
         if not cols:
             raise ValueError(f"batch {batch_id} has no active request left to retract")
         weights = self._weights()
-        new: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        new: dict[int, tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = {}
         for layer in self.config.layers:  # compute everything first: all-or-nothing
             rec = self.load_record(batch, layer)
-            K = rec["K"][:, cols].to(torch.float64)
-            V = rec["V"][cols].to(torch.float64)
             st = self.layer_state[layer]
-            W64 = weights[layer].detach().to(torch.float64).cpu()
+            dev = st["C"].device  # the layer's device
+            K = rec["K"][:, cols].to(device=dev, dtype=torch.float64)
+            V = rec["V"][cols].to(device=dev, dtype=torch.float64)
+            W64 = weights[layer].detach().to(device=dev, dtype=torch.float64)
             # A lets the safety check account for the error C has accumulated as an inverse of A
             try:
                 C_new, W_new = rls_retract(st["C"], W64, K, V, A=st["A"])
             except RetractionError as exc:
                 what = f"batch {batch_id}" + ("" if indices is None else f", request(s) {cols}")
                 raise RetractionError(f"{what}, layer {layer}: {exc}; nothing was changed") from exc
-            new[layer] = (C_new, W_new - W64, st["A"] - K @ K.T)
+            state = {**st, "C": C_new, "A": st["A"] - K @ K.T}
+            if "B" in st:
+                state["B"] = st["B"] - K @ V
+                state["vv"] = st["vv"] - (V * V).sum()
+            new[layer] = (C_new, W_new - W64, state)
         snapshot = {layer: w.detach().clone() for layer, w in weights.items()}
         old_state = {layer: dict(st) for layer, st in self.layer_state.items()}
         old_active = list(batch["active"])
         try:
-            for layer, (C_new, dW, A_new) in new.items():
+            for layer, (_, dW, state) in new.items():
                 self._check_delta(layer, dW, weights[layer])
                 add_delta_kv(get_module(self.model, self.modules[layer]), dW)
-                self.layer_state[layer] = {"C": C_new, "A": A_new}
+                self.layer_state[layer] = state
             for j in cols:
                 batch["active"][j] = 0
             if commit and self._store is not None:

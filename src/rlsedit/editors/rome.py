@@ -67,22 +67,24 @@ class ROMEEditor(LocateThenEditEditor):
         super().__init__(*args, **kwargs)
 
     def key_metric(self, layer: int) -> torch.Tensor:
-        """``C^{-1} = (lam^2 I + mu^2 Sigma)^{-1}`` (``d_k x d_k``, float64, CPU), computed once."""
+        """``C^{-1} = (lam^2 I + mu^2 Sigma)^{-1}`` (``d_k x d_k``, float64, on the layer's device), computed
+        once."""
         cache = self._metrics
         if layer not in cache:
-            cache[layer] = initial_inverse(self.sigmas[layer], self.config.lam, self.config.mu)
+            cache[layer] = initial_inverse(self.sigma_on_device(layer), self.config.lam, self.config.mu)
         return cache[layer]
 
     def solve(self, layer: int, K: torch.Tensor, E: torch.Tensor, W: torch.Tensor) -> _Pending:
         """Rank-one ``Delta (d_k, d_v)`` for one key ``K (d_k, 1)`` and residual ``E (1, d_v)``.
 
         Given several columns (``u > 1``), applies one rank-one update per column in turn, each on the
-        weight left by the previous one. Float64 on the CPU; no state, nothing recorded.
+        weight left by the previous one. Float64 on the layer's device; no state, nothing recorded.
         """
         C_inv = self.key_metric(layer)
-        K64 = K.to(torch.float64).cpu()
-        E64 = E.to(torch.float64).cpu()
-        W64 = W.to(torch.float64).cpu()
+        dev = C_inv.device
+        K64 = K.to(device=dev, dtype=torch.float64)
+        E64 = E.to(device=dev, dtype=torch.float64)
+        W64 = W.to(device=dev, dtype=torch.float64)
         delta = torch.zeros_like(W64)
         for j in range(K64.shape[1]):
             k = K64[:, j]

@@ -16,11 +16,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from rlsedit.datasets import CounterFactCase
 from rlsedit.eval.scoring import target_scores
+from rlsedit.eval.summary import summarize_metrics
 
 __all__ = ["score_counterfact", "summarize_counterfact", "COUNTERFACT_METRICS"]
 
@@ -99,15 +99,4 @@ def summarize_counterfact(
     """Mean of each metric over the records (percent), leaving out case ids in ``exclude`` (e.g. cases
     superseded by a later edit). Also gives ``n`` and a 95% normal-approximation half-width per metric
     (``<metric>_ci95``)."""
-    skip = set(exclude)
-    recs = [r for r in records if r["case_id"] not in skip]
-    out: dict[str, float | int | None] = {"n": len(recs)}
-    for m in COUNTERFACT_METRICS:
-        vals = torch.tensor([float(r[m]) for r in recs if r.get(m) is not None], dtype=torch.float64)
-        if len(vals) == 0:
-            out[m] = out[f"{m}_ci95"] = None
-            continue
-        out[m] = 100.0 * float(vals.mean())
-        sd = float(vals.std(unbiased=True)) if len(vals) > 1 else 0.0
-        out[f"{m}_ci95"] = 100.0 * 1.96 * sd / len(vals) ** 0.5
-    return out
+    return summarize_metrics(records, COUNTERFACT_METRICS, exclude)

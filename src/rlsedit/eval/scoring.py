@@ -1,18 +1,67 @@
-"""Scoring continuations: mean per-token NLL of a target after a prompt, and greedy generation."""
+"""Scoring continuations: per-token log-probabilities of a target after a prompt under teacher forcing,
+their mean NLL and top-1 flags, and greedy generation."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from rlsedit.locate.tokens import pad_id_of, pad_rows
 
-__all__ = ["target_nll", "target_scores", "greedy_continuations"]
+__all__ = [
+    "continuation_logprobs",
+    "greedy_continuations",
+    "target_nll",
+    "target_scores",
+    "target_token_top1",
+]
+
+
+def _target_ids(tokenizer, target: str) -> list[int]:
+    """Token ids of ``" " + target.strip()`` (no special tokens)."""
+    return list(tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"])
 
 
 @torch.no_grad()
+def _teacher_forced(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    batch_size: int = 32,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """For each pair in order: ``(logp (m,), hit (m,))`` over the ``m`` tokens of ``" " + target``:
+    the log-probability of each target token after ``prompt`` and the target tokens before it, and
+    whether it is the model's top-1 prediction there (float32 and bool, on CPU).
+
+    The prompt is tokenised with the tokenizer's special tokens (e.g. BOS), the target without; rows are
+    right-padded into batches of ``batch_size``.
+    """
+    if len(prompts) != len(targets):
+        raise ValueError("prompts and targets must have the same length")
+    device = next(model.parameters()).device
+    rows, spans = [], []
+    for p, t in zip(prompts, targets, strict=True):
+        p_ids = list(tokenizer(p, add_special_tokens=True)["input_ids"])
+        t_ids = _target_ids(tokenizer, t)
+        if not t_ids:
+            raise ValueError(f"target {t!r} tokenises to nothing")
+        rows.append(p_ids + t_ids)
+        spans.append((len(p_ids), t_ids))
+    pad = pad_id_of(tokenizer)
+    for s in range(0, len(rows), batch_size):
+        ids, mask = pad_rows(rows[s : s + batch_size], pad)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        for k, (start, t_ids) in enumerate(spans[s : s + batch_size]):
+            pos = torch.arange(start - 1, start - 1 + len(t_ids), device=device)
+            tok = torch.tensor(t_ids, device=device)
+            logp = torch.log_softmax(logits[k, pos].float(), -1)
+            picked = logp[torch.arange(len(t_ids), device=device), tok]
+            yield picked.cpu(), (logp.argmax(-1) == tok).cpu()
+
+
 def target_scores(
     model: nn.Module,
     tokenizer,
@@ -28,28 +77,36 @@ def target_scores(
     Returns:
         ``(nll (n,) float32, top1 (n,) bool)`` on CPU.
     """
-    if len(prompts) != len(targets):
-        raise ValueError("prompts and targets must have the same length")
-    device = next(model.parameters()).device
-    rows, spans = [], []
-    for p, t in zip(prompts, targets, strict=True):
-        p_ids = list(tokenizer(p, add_special_tokens=True)["input_ids"])
-        t_ids = list(tokenizer(" " + t.strip(), add_special_tokens=False)["input_ids"])
-        rows.append(p_ids + t_ids)
-        spans.append((len(p_ids), t_ids))
-    nll = torch.empty(len(rows))
-    top1 = torch.zeros(len(rows), dtype=torch.bool)
-    pad = pad_id_of(tokenizer)
-    for s in range(0, len(rows), batch_size):
-        ids, mask = pad_rows(rows[s : s + batch_size], pad)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        for k, (start, t_ids) in enumerate(spans[s : s + batch_size]):
-            pos = torch.arange(start - 1, start - 1 + len(t_ids), device=device)
-            tok = torch.tensor(t_ids, device=device)
-            logp = torch.log_softmax(logits[k, pos].float(), -1)
-            nll[s + k] = -logp[torch.arange(len(t_ids), device=device), tok].mean().cpu()
-            top1[s + k] = bool((logp.argmax(-1) == tok).all())
+    nll = torch.empty(len(prompts))
+    top1 = torch.zeros(len(prompts), dtype=torch.bool)
+    for i, (logp, hit) in enumerate(_teacher_forced(model, tokenizer, prompts, targets, batch_size)):
+        nll[i] = -logp.mean()
+        top1[i] = bool(hit.all())
     return nll, top1
+
+
+def target_token_top1(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    batch_size: int = 32,
+) -> list[torch.Tensor]:
+    """Per-token top-1 flags of ``" " + targets[i].strip()`` after ``prompts[i]`` under teacher forcing:
+    one bool tensor ``(m_i,)`` per pair (MEMIT's zsRE token accuracy)."""
+    return [hit for _, hit in _teacher_forced(model, tokenizer, prompts, targets, batch_size)]
+
+
+def continuation_logprobs(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Total log-probability ``(n,)`` (float32, CPU) of ``" " + targets[i].strip()`` after ``prompts[i]``."""
+    out = [logp.sum() for logp, _ in _teacher_forced(model, tokenizer, prompts, targets, batch_size)]
+    return torch.stack(out) if out else torch.empty(0)
 
 
 def target_nll(

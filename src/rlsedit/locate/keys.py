@@ -15,6 +15,7 @@ from torch import nn
 
 from rlsedit.hooks import trace
 from rlsedit.locate.tokens import encode_prompts
+from rlsedit.models.arch import input_device
 from rlsedit.requests import EditRequest
 
 __all__ = ["compute_keys", "compute_hidden", "read_at_subject"]
@@ -34,9 +35,10 @@ def read_at_subject(
     """Read module ``module_name``'s input (or output) at the subject's last token of each row.
 
     Returns:
-        ``(len(requests), len(contexts), d)`` float32 tensor on the model's device.
+        ``(len(requests), len(contexts), d)`` float32 tensor on the device of the module read (with a model
+        spread over several devices, that module's, not the input's).
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     batch = encode_prompts(tokenizer, requests, contexts)
     n = batch.input_ids.shape[0]
     out: list[torch.Tensor] = []
@@ -55,7 +57,7 @@ def read_at_subject(
         rec = tr[module_name]
         x = rec.input if read_input else rec.output
         assert x is not None
-        out.append(x[torch.arange(x.shape[0], device=device), idx].float())
+        out.append(x[torch.arange(x.shape[0], device=x.device), idx.to(x.device)].float())
     vals = torch.cat(out, 0)
     return vals.view(len(requests), len(contexts), -1)
 

@@ -41,7 +41,7 @@ from torch import nn
 
 from rlsedit.hooks import add_at_positions, trace
 from rlsedit.locate.tokens import encode_text_upto, pad_id_of, pad_rows, target_ids
-from rlsedit.models.arch import get_arch, get_module
+from rlsedit.models.arch import get_arch, get_module, input_device
 from rlsedit.requests import EditRequest
 
 __all__ = ["TargetConfig", "TargetResult", "compute_targets", "frozen_params", "logits_from_hidden"]
@@ -210,12 +210,12 @@ class _FullForward:
 
     def __init__(self, model: nn.Module, sites: _Sites, rows: Sequence[_Row], pad: int) -> None:
         self.model, self.sites, self.rows, self.pad = model, sites, rows, pad
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
 
     def __call__(self, idx: Sequence[int], vec: torch.Tensor) -> _ChunkOutput:
         rows = [self.rows[k] for k in idx]
         ids, mask = pad_rows([r.ids for r in rows], self.pad)
-        cols = torch.tensor([r.subject_last for r in rows], device=self.device)
+        cols = torch.tensor([r.subject_last for r in rows])  # moved to the injection's device there
         hidden, block = _run_chunk(
             self.model,
             self.sites,
@@ -280,7 +280,7 @@ class _PrefixCachedForward:
         from transformers import DynamicCache
 
         self.model, self.sites, self.rows, self.pad = model, sites, rows, pad
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         self._cache_cls = DynamicCache
         kwarg = _cache_kwarg(model)
         if kwarg is None:
@@ -323,10 +323,11 @@ class _PrefixCachedForward:
                     for k, v in kv:
                         self.keys.append(k.new_zeros(len(rows), k.shape[1], self.width, k.shape[3]))
                         self.values.append(v.new_zeros(len(rows), v.shape[1], self.width, v.shape[3]))
-                valid = mask.to(self.device, torch.bool)[:, None, :, None]
+                valid = mask.to(torch.bool)[:, None, :, None]
+                # each block's cache is on that block's device
                 for (k, v), ks, vs in zip(kv, self.keys, self.values, strict=True):
-                    ks[c0 : c0 + len(chunk), :, self.width - pw :] = torch.where(valid, k, 0)
-                    vs[c0 : c0 + len(chunk), :, self.width - pw :] = torch.where(valid, v, 0)
+                    ks[c0 : c0 + len(chunk), :, self.width - pw :] = torch.where(valid.to(k.device), k, 0)
+                    vs[c0 : c0 + len(chunk), :, self.width - pw :] = torch.where(valid.to(v.device), v, 0)
 
     def nbytes(self) -> int:
         """Memory held by the prefix cache."""
@@ -346,17 +347,17 @@ class _PrefixCachedForward:
             inputs.update(attention_mask=smask.to(self.device), use_cache=False)
         else:
             pmask = (torch.arange(pw)[None, :] >= pw - pl).long()
-            sel = torch.tensor(list(idx), device=self.device)
+            sel = torch.tensor(list(idx))
             cache = self._cache_cls()
             for layer, (ks, vs) in enumerate(zip(self.keys, self.values, strict=True)):
                 cache.update(
-                    ks[:, :, self.width - pw :].index_select(0, sel),
-                    vs[:, :, self.width - pw :].index_select(0, sel),
+                    ks[:, :, self.width - pw :].index_select(0, sel.to(ks.device)),
+                    vs[:, :, self.width - pw :].index_select(0, sel.to(vs.device)),
                     layer,
                 )
             inputs.update(attention_mask=torch.cat([pmask, smask], 1).to(self.device), use_cache=True)
             inputs[self.cache_kwarg] = cache
-        cols = torch.zeros(n, dtype=torch.long, device=self.device)
+        cols = torch.zeros(n, dtype=torch.long)
         hidden, block = _run_chunk(self.model, self.sites, vec, cols, **inputs)
         return _ChunkOutput(hidden, block, plen)
 
@@ -418,7 +419,9 @@ def compute_targets(
         read=f"{arch.blocks}.{layer}",
         final_norm=arch.final_norm,
     )
-    device = next(model.parameters()).device
+    # delta and h0 live on the input device; with a model spread over devices (device_map) the injection,
+    # the block read and the LM head may each be on another one: tensors are moved where they are used
+    device = input_device(model)
     pad = pad_id_of(tokenizer)
     u = len(requests)
     if not contexts or contexts[0] != "":
@@ -452,19 +455,20 @@ def compute_targets(
                 idx = [i * rows_per_req + j for i in chunk for j in range(rows_per_req)]
                 rows = [all_rows[k] for k in idx]
                 row_req = torch.tensor([r.req for r in rows], device=device)
-                out = forward(idx, delta[row_req].to(dtype=model.dtype))
+                out = forward(idx, delta[row_req])  # cast to the injection's dtype and device there
                 if step == 0:  # row 0 of each request is its bare prompt (contexts[0] == "")
                     for k in range(0, len(rows), rows_per_req):
-                        h0[rows[k].req] = out.block[k, rows[k].subject_last - out.start[k]].float()
+                        h0[rows[k].req] = out.block[k, rows[k].subject_last - out.start[k]].float().to(device)
                 # Gather the needed positions, then the LM head on those only.
                 sel_rows, sel_pos = [], []
                 for k, r in enumerate(rows):
                     for p in r.target_pos:
                         sel_rows.append(k)
                         sel_pos.append(p - out.start[k])
+                hdev = out.hidden.device
                 logits = logits_from_hidden(
                     model,
-                    out.hidden[torch.tensor(sel_rows, device=device), torch.tensor(sel_pos, device=device)],
+                    out.hidden[torch.tensor(sel_rows, device=hdev), torch.tensor(sel_pos, device=hdev)],
                 ).float()
                 logp = torch.log_softmax(logits, -1)
                 loss = logp.new_zeros(())
@@ -475,7 +479,7 @@ def compute_targets(
                     lp = logp[cursor : cursor + span]
                     cursor += span
                     if r.kind == "nll":
-                        tok = torch.tensor(r.target_tok, device=device)
+                        tok = torch.tensor(r.target_tok, device=lp.device)
                         nll_sum[r.req] = nll_sum[r.req] + (-lp.gather(1, tok[:, None]).mean()) / n_ctx
                     else:
                         if kl_init[r.req] is None:
@@ -490,7 +494,7 @@ def compute_targets(
                     if step == 0:
                         nll_init[i] = nll
                     wd = cfg.weight_decay * delta[i].pow(2).sum() / h0[i].pow(2).sum().clamp_min(1e-12)
-                    loss = loss + nll_sum[i] + wd
+                    loss = loss + nll_sum[i] + wd.to(loss.device)
                     if nll >= cfg.stop_nll and step < cfg.steps:
                         still.append(i)
                         learning = True

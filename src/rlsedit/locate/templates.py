@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from rlsedit.models.arch import input_device, model_devices
+
 __all__ = ["generate_context_templates", "DEFAULT_STARTS"]
 
 log = logging.getLogger(__name__)
@@ -44,9 +46,11 @@ def generate_context_templates(
     templates = [""]
     if n == 0:
         return templates
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    # sampling may draw on any GPU the model is spread over: fork the RNG of each
+    gpus = [d for d in model_devices(model) if d.type == "cuda"]
+    with torch.random.fork_rng(devices=gpus):
         torch.manual_seed(seed)
         for i in range(n):
             start = starts[i % len(starts)]

@@ -28,6 +28,8 @@ __all__ = [
     "get_module",
     "num_layers",
     "block_name",
+    "input_device",
+    "model_devices",
     "mlp_out_name",
     "mlp_out_module",
     "kv_dims",
@@ -164,6 +166,29 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
         return model.get_submodule(name)
     except AttributeError as exc:
         raise AttributeError(f"{type(model).__name__} has no submodule {name!r}") from exc
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """The device token ids must be on: the input embedding's.
+
+    With ``device_map="auto"`` (accelerate) the layers are spread over several devices and the first
+    parameter is not necessarily the embedding; input ids go to the embedding's device and accelerate's
+    hooks move hidden states between devices from there.
+    """
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    weight = getattr(emb, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.device
+    return next(model.parameters()).device
+
+
+def model_devices(model: nn.Module) -> list[torch.device]:
+    """The distinct devices holding ``model``'s parameters, in order of first appearance."""
+    seen: dict[torch.device, None] = {}
+    for p in model.parameters():
+        seen.setdefault(p.device, None)
+    return list(seen)
 
 
 def num_layers(model: nn.Module) -> int:

@@ -52,6 +52,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: What ``device_map`` accepts (as ``from_pretrained`` does): a strategy name or ``{module: device}``.
+DeviceMap = str | dict[str, Any] | None
+
 #: Name of the model :func:`load_model` loads when given no name.
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -289,21 +292,24 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
 
 
-def _from_pretrained(source: str | Path, dtype: torch.dtype, **kwargs: Any) -> tuple[Any, Any]:
+def _from_pretrained(
+    source: str | Path, dtype: torch.dtype, device_map: DeviceMap = None, **kwargs: Any
+) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    extra = {} if device_map is None else {"device_map": device_map}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra, **kwargs)
     return model, tokenizer
 
 
-def _load_local_or_hub(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
+def _load_local_or_hub(name: str, dtype: torch.dtype, device_map: DeviceMap = None) -> tuple[Any, Any]:
     path = Path(name).expanduser()
     builtins = ", ".join(sorted(BUILTIN_MODELS))
     if path.is_dir():
         logger.info("loading model from local directory %s", path)
         try:
-            return _from_pretrained(path, dtype)
+            return _from_pretrained(path, dtype, device_map)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"could not load a causal LM from directory {str(path)!r}: {exc}") from exc
     if path.exists():
@@ -314,7 +320,7 @@ def _load_local_or_hub(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
     if _looks_like_path(name):
         raise ModelLoadError(f"model {name!r} not found: no such directory. Built-in names: {builtins}")
     try:
-        model_tok = _from_pretrained(name, dtype, local_files_only=True)
+        model_tok = _from_pretrained(name, dtype, device_map, local_files_only=True)
     except (OSError, ValueError):
         logger.info(
             "%r is not in the local Hugging Face cache; trying the hub (set HF_HUB_OFFLINE=1 to skip)", name
@@ -323,7 +329,7 @@ def _load_local_or_hub(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
         logger.info("loaded %r from the local Hugging Face cache", name)
         return model_tok
     try:
-        return _from_pretrained(name, dtype)
+        return _from_pretrained(name, dtype, device_map)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"model {name!r} could not be found locally (it is not a directory and not in the Hugging Face "
@@ -332,7 +338,9 @@ def _load_local_or_hub(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
         ) from exc
 
 
-def _load_builtin(name: str, dtype: torch.dtype, cache_dir: str | os.PathLike[str] | None) -> tuple[Any, Any]:
+def _load_builtin(
+    name: str, dtype: torch.dtype, cache_dir: str | os.PathLike[str] | None, device_map: DeviceMap = None
+) -> tuple[Any, Any]:
     target = builtin_cache_path(name, cache_dir)
     if _is_complete(target):
         logger.info("loading built-in model %r from cache %s", name, target)
@@ -341,7 +349,8 @@ def _load_builtin(name: str, dtype: torch.dtype, cache_dir: str | os.PathLike[st
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(target)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+    extra = {} if device_map is None else {"device_map": device_map}
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, **extra)
     return model, tokenizer
 
 
@@ -364,6 +373,7 @@ def load_model(
     cache_dir: str | os.PathLike[str] | None = None,
     *,
     trainable: bool = False,
+    device_map: DeviceMap = None,
 ) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer.
 
@@ -377,6 +387,9 @@ def load_model(
         cache_dir: rlsedit cache directory for converted built-in models (see :func:`resolve_cache_dir`).
         trainable: leave ``requires_grad`` on the parameters. By default all parameters are frozen
             (editors optimise their own tensors; an editor that trains weights turns on the ones it needs).
+        device_map: spread the model over several devices: passed to ``from_pretrained`` (accelerate),
+            e.g. ``"auto"``, ``"balanced"``, ``"cpu"`` or ``{module name: device}``. Excludes ``device``.
+            The editors follow each edited layer's device; token ids go to the input embedding's device.
 
     Returns:
         ``(model, tokenizer)``: the model in eval mode, with ``model.config.rlsedit_name`` set to the name it
@@ -386,15 +399,26 @@ def load_model(
         ModelLoadError: the model cannot be found, its package or GGUF support is missing, or loading failed.
     """
     name = os.fspath(name_or_path)
+    if device_map is not None and device is not None:
+        raise ValueError("pass either device or device_map, not both")
+    if device_map is not None and importlib.util.find_spec("accelerate") is None:
+        raise ModelLoadError("device_map needs the package 'accelerate': pip install accelerate")
     torch_device = parse_device(device)
     torch_dtype = parse_dtype(dtype)
     start = time.perf_counter()
     if name in BUILTIN_MODELS:
-        model, tokenizer = _load_builtin(name, torch_dtype, cache_dir)
+        model, tokenizer = _load_builtin(name, torch_dtype, cache_dir, device_map)
     else:
-        model, tokenizer = _load_local_or_hub(name, torch_dtype)
+        model, tokenizer = _load_local_or_hub(name, torch_dtype, device_map)
 
-    model.to(torch_device)
+    if device_map is None:
+        model.to(torch_device)
+        where = str(torch_device)
+    else:
+        placement = getattr(model, "hf_device_map", None)
+        logger.info("device map of %r: %s", name, placement)
+        devices = sorted({str(p.device) for p in model.parameters()})
+        where = ", ".join(devices)
     model.eval()
     if not trainable:
         model.requires_grad_(False)
@@ -418,7 +442,7 @@ def load_model(
         name,
         type(model).__name__,
         sum(p.numel() for p in model.parameters()),
-        torch_device,
+        where,
         torch_dtype,
         time.perf_counter() - start,
     )

@@ -1,0 +1,153 @@
+"""Objective terms of RLSEdit (Figure 2): running sums against direct computation from the records, across
+batches, retraction, save/load and a run saved without the running sums."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from rlsedit import EditRequest, load_editor, make_editor
+from rlsedit.editors import RLSEditor
+from rlsedit.editors.rlsedit import anchor_matrix
+from rlsedit.eval.objective import objective_terms, objective_terms_from_records
+from tiny_models import TINY_DIMS, tiny_model
+
+LAYERS = (1, 2)
+D_K, D_V = TINY_DIMS["intermediate"], TINY_DIMS["hidden"]
+
+REQUESTS = [
+    EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English"),
+    EditRequest("{} is located in the city of", "Eiffel Tower", "Rome"),
+    EditRequest("The capital of {} is", "Japan", "Paris"),
+    EditRequest("{} plays the sport of", "Michael Jordan", "soccer"),
+    EditRequest("The headquarters of {} is in", "Microsoft", "London"),
+    EditRequest("{} is a professional", "Lionel Messi", "basketball"),
+]
+
+
+def _sigmas() -> dict[int, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for layer in LAYERS:
+        X = torch.randn(D_K, 2 * D_K, generator=g, dtype=torch.float64)
+        out[layer] = X @ X.T / (2 * D_K)
+    return out
+
+
+def _editor(**overrides: Any) -> RLSEditor:
+    model, tok = tiny_model("llama", seed=0)
+    settings: dict[str, Any] = {"layers": list(LAYERS), "n_templates": 0, "steps": 3, "lam": 1.0, "mu": 2.0}
+    settings.update(overrides)
+    return make_editor("rlsedit", model, tok, sigmas=_sigmas(), **settings)
+
+
+def _naive(editor: RLSEditor) -> dict[int, dict[str, float]]:
+    """Every term by the definitions, with explicit loops over the active requests."""
+    out = {}
+    cfg = editor.config
+    for layer in LAYERS:
+        W = editor._weights()[layer].detach().double()
+        W0 = editor.W0[layer].double()
+        S = editor.sigmas[layer].double()
+        fit_total, n = 0.0, 0
+        for b in editor.batches:
+            rec = editor.load_record(b, layer)
+            for j, a in enumerate(b["active"]):
+                if a:
+                    r = rec["K"][:, j].double() @ W - rec["V"][j].double()
+                    fit_total += float(r @ r)
+                    n += 1
+        last = editor.batches[-1]
+        rec = editor.load_record(last, layer)
+        fit_batch = sum(
+            float(((rec["K"][:, j].double() @ W - rec["V"][j].double()) ** 2).sum())
+            for j, a in enumerate(last["active"])
+            if a
+        )
+        D = W - W0
+        anchor = float(torch.trace(D.T @ S @ D))
+        dist = float(torch.trace(D.T @ D))
+        out[layer] = {
+            "fit_batch": fit_batch,
+            "fit_total": fit_total,
+            "dist_w0": dist,
+            "anchor": anchor,
+            "objective": fit_total + cfg.lam**2 * dist + cfg.mu**2 * anchor,
+            "n_keys": n,
+        }
+    return out
+
+
+def _assert_close(got: dict[int, dict[str, Any]], want: dict[int, dict[str, float]], rel: float = 1e-7) -> None:
+    for layer in LAYERS:
+        for key, v in want[layer].items():
+            assert got[layer][key] == pytest.approx(v, rel=rel, abs=1e-9), (layer, key)
+
+
+def test_running_sums_match_direct_computation_over_batches() -> None:
+    editor = _editor()
+    seen_fit_batch = []
+    for k in range(3):
+        editor.edit(REQUESTS[2 * k : 2 * k + 2])
+        terms = objective_terms(editor)
+        assert all(t["source"] == "running sums" for t in terms.values())
+        _assert_close(terms, _naive(editor))
+        _assert_close(objective_terms_from_records(editor), _naive(editor))
+        seen_fit_batch.append(terms[LAYERS[0]]["fit_batch"])
+        for layer in LAYERS:
+            st = editor.layer_state[layer]
+            assert st["B"].shape == (D_K, D_V) and st["B"].dtype == torch.float64 and st["vv"].dim() == 0
+            # the cumulative fit contains the last batch's fit; every term is non-negative
+            t = terms[layer]
+            assert t["fit_total"] >= t["fit_batch"] - 1e-9 and min(t["dist_w0"], t["anchor"]) > 0
+    assert terms[LAYERS[0]]["n_keys"] == 6
+    # the editor's weights minimise J: the gradient A W - B - A_0 W_0 vanishes
+    for layer in LAYERS:
+        st = editor.layer_state[layer]
+        W = editor._weights()[layer].detach().double()
+        A0 = anchor_matrix(editor.sigmas[layer], editor.config.lam, editor.config.mu)
+        grad = st["A"] @ W - st["B"] - A0 @ editor.W0[layer].double()
+        assert float(grad.norm()) < 1e-4 * float((st["A"] @ W).norm())
+
+
+def test_terms_follow_retraction_and_save_load(tmp_path: Path) -> None:
+    editor = _editor()
+    editor.edit(REQUESTS, batch_size=2)
+    editor.retract(1, 0)  # one request of the middle batch
+    editor.retract(2)  # the whole last batch: fit_batch of the last batch is then 0
+    terms = objective_terms(editor)
+    want = _naive(editor)
+    _assert_close(terms, want)
+    assert terms[LAYERS[0]]["n_keys"] == 3 and terms[LAYERS[0]]["fit_batch"] == 0.0
+    editor.save(tmp_path / "run")
+    model, tok = tiny_model("llama", seed=0)
+    loaded = load_editor(tmp_path / "run", model, tok)
+    for layer in LAYERS:
+        for key in ("B", "vv"):
+            assert torch.equal(loaded.layer_state[layer][key], editor.layer_state[layer][key])
+    _assert_close(objective_terms(loaded), want)
+
+
+def test_state_without_running_sums_falls_back_to_records() -> None:
+    """A run saved before the editor kept B and vv: terms come from the records, edits keep working."""
+    editor = _editor()
+    for layer in LAYERS:
+        for key in ("B", "vv"):
+            del editor.layer_state[layer][key]
+    editor.edit(REQUESTS[:4], batch_size=2)
+    assert "B" not in editor.layer_state[LAYERS[0]]
+    terms = objective_terms(editor)
+    assert all(t["source"] == "records" for t in terms.values())
+    _assert_close(terms, _naive(editor))
+    editor.retract(0)
+    _assert_close(objective_terms(editor), _naive(editor))
+
+
+def test_only_for_rlsedit() -> None:
+    model, tok = tiny_model("llama", seed=0)
+    memit = make_editor("memit", model, tok, sigmas=_sigmas(), layers=list(LAYERS), n_templates=0)
+    with pytest.raises(TypeError, match="rlsedit"):
+        objective_terms(memit)
