@@ -1,0 +1,113 @@
+"""The command line end to end on a tiny model: edit, resume, retract, export (model and deltas)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlsedit import cli
+from rlsedit.editors import load_editor
+from rlsedit.export import apply_deltas
+from rlsedit.models.arch import get_module, weight_kv
+from rlsedit.models.load import load_model
+from tiny_models import tiny_model
+
+SETS = {"layers": [2, 3], "n_templates": 0, "steps": 3, "stats_samples": 16, "stats_max_len": 32}
+REQS = [
+    {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English"},
+    {"prompt": "{} plays the", "subject": "Toko Yasuda", "target_new": "piano", "target_true": "guitar"},
+    {"prompt": "The capital of {} is", "subject": "Freedonia", "target_new": "Paris"},
+    {"prompt": "{} was born in", "subject": "Ada Lovelace", "target_new": "Rome"},
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    model, tok = tiny_model("llama", seed=5)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    reqs = root / "reqs.jsonl"
+    reqs.write_text("".join(json.dumps(r) + "\n" for r in REQS))
+    return {"root": root, "model": root / "model", "reqs": reqs, "stats": root / "stats"}
+
+
+def _edit(s: dict[str, Path], run: Path, extra: list[str] | None = None) -> int:
+    argv = ["edit", "--model", str(s["model"]), "--requests", str(s["reqs"]), "--run", str(run)]
+    argv += ["--batch-size", "2", "--stats", str(s["stats"])]
+    for k, v in SETS.items():
+        argv += ["--set", f"{k}={json.dumps(v)}"]
+    return cli.main(argv + (extra or []))
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {f"l{i}": weight_kv(get_module(model, f"model.layers.{i}.mlp.down_proj")).clone() for i in (2, 3)}
+
+
+def test_edit_resume_retract_export(setup: dict[str, Path], tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    assert _edit(setup, run) == 0
+    assert "applied 4 request(s) in 2 batch(es)" in capsys.readouterr().out
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert [b["id"] for b in manifest["batches"]] == [0, 1]
+
+    # resuming the same command applies nothing again
+    assert _edit(setup, run) == 0
+    assert "applied 0 request(s) in 0 batch(es); 2 batch(es) were already" in capsys.readouterr().out
+
+    base, tok = load_model(str(setup["model"]))
+    w0 = _weights(base)
+    edited_model, _ = load_model(str(setup["model"]))
+    load_editor(run, edited_model, tok, attach=False)
+    w_edit = _weights(edited_model)
+    assert any(not torch.equal(w0[k], w_edit[k]) for k in w0)
+
+    # export: the HF checkpoint has the edited weights; the deltas apply to the base model and come off again
+    out = tmp_path / "export"
+    assert cli.main(["export", "--model", str(setup["model"]), "--run", str(run), "--out", str(out)]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(out / "model")
+    for k, w in _weights(exported).items():
+        torch.testing.assert_close(w, w_edit[k])
+    names = apply_deltas(base, out / "deltas")
+    assert names == sorted(["model.layers.2.mlp.down_proj", "model.layers.3.mlp.down_proj"])
+    for k, w in _weights(base).items():
+        torch.testing.assert_close(w, w_edit[k], rtol=0, atol=1e-6)
+    apply_deltas(base, out / "deltas", sign=-1.0)
+    for k, w in _weights(base).items():
+        torch.testing.assert_close(w, w0[k], rtol=0, atol=1e-6)
+
+    # retract batch 0 from the command line; batch 1 stays
+    assert cli.main(["retract", "--model", str(setup["model"]), "--run", str(run), "--batch", "0"]) == 0
+    assert "retracted batch 0" in capsys.readouterr().out
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["batches"][0]["active"] == [0, 0] and manifest["batches"][1]["active"] == [1, 1]
+    after, _ = load_model(str(setup["model"]))
+    load_editor(run, after, tok, attach=False)
+    assert any(not torch.equal(w_edit[k], w) for k, w in _weights(after).items())
+
+
+def test_deltas_refuse_a_model_they_do_not_fit(setup: dict[str, Path], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert _edit(setup, run) == 0
+    out = tmp_path / "export"
+    argv = ["export", "--model", str(setup["model"]), "--run", str(run), "--out", str(out), "--deltas-only"]
+    assert cli.main(argv) == 0
+    assert not (out / "model").exists()
+    other, _ = tiny_model("llama", seed=5, intermediate_size=48)
+    before = {n: p.clone() for n, p in other.named_parameters()}
+    with pytest.raises(ValueError, match="does not fit"):
+        apply_deltas(other, out / "deltas")
+    assert all(torch.equal(before[n], p) for n, p in other.named_parameters())
+
+
+def test_help_and_methods(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    assert "edit" in capsys.readouterr().out
+    assert cli.main(["methods"]) == 0
+    assert set(capsys.readouterr().out.split()) >= {"rlsedit", "memit", "alphaedit", "rome", "ft"}
