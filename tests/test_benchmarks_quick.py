@@ -1,0 +1,175 @@
+"""The benchmark suite (``benchmarks/``) at tiny sizes: output structure, not timings.
+
+The linear-algebra benchmarks run on synthetic keys (no model); the report is rendered through the CLI
+with an even smaller scale than ``--quick``; the model benchmarks run once on a tiny random model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlsedit.linalg import nullspace_projector
+from rlsedit.locate.targets import TargetConfig
+from rlsedit.models.arch import get_module, mlp_out_name, weight_kv
+from rlsedit.requests import EditRequest
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+
+import bench_linalg  # noqa: E402
+import bench_model  # noqa: E402
+import benchlib  # noqa: E402
+import run as bench_run  # noqa: E402
+
+
+def _positive(x: float) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_update_vs_history_structure() -> None:
+    r = bench_linalg.bench_update_vs_history(24, 6, u=3, n_batches=5, repeats=2)
+    assert [b["batch"] for b in r["batches"]] == [1, 2, 3, 4, 5]
+    assert [b["edits_after"] for b in r["batches"]] == [3, 6, 9, 12, 15]
+    assert [b["edits_before"] for b in r["batches"]] == [0, 3, 6, 9, 12]
+    for b in r["batches"]:
+        assert len(b["samples"]) == 2
+        assert _positive(b["update_s"]) and _positive(b["a_update_s"])
+    for key in ("first_s", "last_s", "ratio_last_first", "ratio_window", "drift_s", "a_update_s"):
+        assert _positive(r[key]), key
+    assert r["first_s"] == r["batches"][0]["update_s"]
+    assert r["window"] == 1
+    assert r["drift_amortised_s"] == pytest.approx(r["drift_s"] / r["drift_every"])
+    # the carried C stays the inverse of the accumulated A: the timed updates are the real recursion
+    assert r["drift"] < 1e-10
+    json.dumps(r)
+
+
+def test_update_vs_resolve_structure_and_agreement() -> None:
+    r = bench_linalg.bench_update_vs_resolve(40, 7, u=4, repeats=2)
+    assert set(r["seconds"]) == {"rlsedit", "resolve", "alphaedit"}
+    assert all(len(v) == 2 for v in r["samples"].values())
+    assert all(_positive(v) for v in r["seconds"].values())
+    assert set(r["ratios"]) == {"resolve/rlsedit", "alphaedit/rlsedit"}
+    assert r["ratios"]["resolve/rlsedit"] == pytest.approx(r["seconds"]["resolve"] / r["seconds"]["rlsedit"])
+    assert set(r["gflop"]) == set(r["gflops_rate"]) == {"rlsedit", "resolve", "alphaedit"}
+    # RLSEdit's W_t and the re-solve's are the same minimiser
+    assert r["agreement"] < 1e-8
+    json.dumps(r)
+
+
+def test_synthetic_projector_is_the_library_projector() -> None:
+    prob = bench_linalg.SyntheticProblem(30, 5, 2)
+    P, dim = nullspace_projector(torch.diag(prob.s), bench_linalg.NULLSPACE_THRESHOLD)
+    torch.testing.assert_close(prob.projector(), P, atol=1e-12, rtol=0)
+    assert int(prob.projector().diagonal().sum()) == dim
+    torch.testing.assert_close(prob.initial_inverse() @ prob.anchor(), torch.eye(30, dtype=torch.float64))
+
+
+def test_cli_writes_markdown_and_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny = dataclasses.replace(
+        bench_run.QUICK,
+        u=3,
+        dims=(
+            bench_run.Dims("tiny-a", 16, 4, n_batches=12, history_repeats=1, resolve_repeats=1),
+            bench_run.Dims("tiny-b", 24, 6, n_batches=2, history_repeats=1, resolve_repeats=1),
+        ),
+    )
+    monkeypatch.setattr(bench_run, "QUICK", tiny)
+    out = tmp_path / "B.md"
+    argv = ["--quick", "--only", "update_vs_resolve,update_vs_history", "--out", str(out)]
+    assert bench_run.main(argv) == 0
+    md = out.read_text(encoding="utf-8")
+    assert md.startswith("# rlsedit benchmarks")
+    assert "## Machine" in md and "torch intra-op threads" in md and "CPU" in md
+    # sections in the suite's order, each with the command that reproduces it
+    assert md.index("## RLSEdit update time vs") < md.index("## RLSEdit update vs full re-solve")
+    assert "Reproduce: `python benchmarks/run.py --quick --only update_vs_history --out " in md
+    assert "Reproduce: `python benchmarks/run.py --quick --only update_vs_resolve --out " in md
+    assert "re-solve / RLSEdit" in md and "last / first" in md
+    data = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
+    assert data["quick"] is True
+    assert [s["name"] for s in data["sections"]] == ["update_vs_history", "update_vs_resolve"]
+    history = data["sections"][0]["data"]["runs"]
+    assert [r["label"] for r in history] == ["tiny-a", "tiny-b"]
+    assert len(history[0]["batches"]) == 12 and history[0]["window"] == 1
+    resolve = data["sections"][1]["data"]["runs"]
+    assert all(r["agreement"] < 1e-8 for r in resolve)
+
+
+def test_cli_rejects_unknown_benchmark(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        bench_run.parse_args(["--only", "nope", "--out", str(tmp_path / "x.md")])
+
+
+def test_table_and_formatting() -> None:
+    t = benchlib.Table(["a", "b"], [["1", "2"]], caption="c")
+    assert t.to_markdown().splitlines() == ["*c*", "", "| a | b |", "|---|---|", "| 1 | 2 |"]
+    with pytest.raises(ValueError):
+        benchlib.Table(["a"], [["1", "2"]]).to_markdown()
+    assert benchlib.fmt_seconds(2e-6) == "2 us"
+    assert benchlib.fmt_seconds(0.0123) == "12.3 ms"
+    assert benchlib.fmt_seconds(12.34) == "12.3 s"
+    assert benchlib.fmt_ratio(1.234) == "1.23x"
+    assert benchlib.median([3.0, 1.0, 2.0]) == 2.0
+
+
+def test_model_benchmarks_on_a_tiny_model(tiny_model_factory) -> None:
+    model, tok = tiny_model_factory("llama")
+    reqs = [
+        EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English"),
+        EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome"),
+    ]
+    r = bench_model.bench_targets(
+        model, tok, reqs, 1, ["", "The "], repeats=1, gflops=10.0, config=TargetConfig(steps=2)
+    )
+    fast, full = r["paths"]["fast"], r["paths"]["full"]
+    assert fast["fast_path_ran"] and not full["fast_path_ran"]
+    # the prefix cache means fewer token positions through the blocks, the same through the LM head
+    assert 0 < fast["tokens"]["block_fwd"] < full["tokens"]["block_fwd"]
+    assert fast["tokens"]["head_fwd"] == full["tokens"]["head_fwd"] > 0
+    assert full["tokens"]["block_bwd"] > 0
+    for p in (fast, full):
+        assert p["flops"]["tight"] < p["flops"]["standard"]
+        assert p["floor_s"]["standard"] == pytest.approx(p["flops"]["standard"] / 1e10)
+    assert r["z_rel_diff"] < 1e-4
+
+    before = {layer: weight_kv(get_module(model, mlp_out_name(model, layer))).clone() for layer in (0, 1)}
+    sigmas = {layer: torch.eye(64, dtype=torch.float64) for layer in (0, 1)}
+    e2e = bench_model.bench_end_to_end(model, tok, reqs, batch_size=1, layers=[0, 1], sigmas=sigmas)
+    assert len(e2e["batches"]) == 2
+    assert set(e2e["per_edit_median"]) == {"targets", "keys", "update", "save", "total"}
+    assert e2e["rss"]["stream_peak"] >= e2e["rss"]["stream_start"] > 0
+    for layer, w in before.items():  # the edits were taken back
+        torch.testing.assert_close(weight_kv(get_module(model, mlp_out_name(model, layer))), w)
+
+    st = bench_model.bench_stats(model, tok, [0, 1], samples=3, repeats=1)
+    assert st["tokens"] > 0
+    assert set(st["tokens_per_s"]) == {"second_moments", "forward_full", "forward_to_last_layer"}
+    assert all(_positive(v) for v in st["tokens_per_s"].values())
+
+
+def test_sizes_that_do_not_fit_in_memory_are_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny = dataclasses.replace(
+        bench_run.QUICK,
+        u=2,
+        dims=(bench_run.Dims("tiny", 8, 3, n_batches=2, history_repeats=1, resolve_repeats=1),),
+    )
+    monkeypatch.setattr(bench_run, "QUICK", tiny)
+    monkeypatch.setattr(bench_run, "_available_bytes", lambda device: 1)
+    out = tmp_path / "B.md"
+    assert (
+        bench_run.main(["--quick", "--only", "update_vs_history,update_vs_resolve", "--out", str(out)]) == 0
+    )
+    data = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
+    for sec in data["sections"]:
+        assert sec["data"]["runs"] == []
+        assert [s["label"] for s in sec["data"]["skipped"]] == ["tiny"]
+    assert "**skipped**" in out.read_text(encoding="utf-8")
