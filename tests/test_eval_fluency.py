@@ -1,4 +1,5 @@
-"""Fluency (ROME's weighted n-gram entropy), generation, and consistency (TF-IDF) only with reference files."""
+"""Fluency (ROME's weighted n-gram entropy), generation, and consistency (TF-IDF, only with reference
+files)."""
 
 from __future__ import annotations
 
@@ -99,7 +100,11 @@ def _write_reference(d: Path, case_id: int) -> tuple[dict[str, int], list[float]
     np.save(d / "idf.npy", np.array(idf))
     (d / "tfidf_vocab.json").write_text(json.dumps(vocab))
     snips = [
-        {"relation_id": "P103", "target_id": "Q150", "samples": [{"name": "X", "text": "French is a language"}]},
+        {
+            "relation_id": "P103",
+            "target_id": "Q150",
+            "samples": [{"name": "X", "text": "French is a language"}],
+        },
         {"relation_id": "P103", "target_id": "Q150", "samples": [{"name": "Y", "text": "Paris, city."}]},
     ]
     (d / "attribute_snippets.json").write_text(json.dumps(snips))

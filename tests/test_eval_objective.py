@@ -81,7 +81,9 @@ def _naive(editor: RLSEditor) -> dict[int, dict[str, float]]:
     return out
 
 
-def _assert_close(got: dict[int, dict[str, Any]], want: dict[int, dict[str, float]], rel: float = 1e-7) -> None:
+def _assert_close(
+    got: dict[int, dict[str, Any]], want: dict[int, dict[str, float]], rel: float = 1e-7
+) -> None:
     for layer in LAYERS:
         for key, v in want[layer].items():
             assert got[layer][key] == pytest.approx(v, rel=rel, abs=1e-9), (layer, key)
@@ -99,7 +101,7 @@ def test_running_sums_match_direct_computation_over_batches() -> None:
         seen_fit_batch.append(terms[LAYERS[0]]["fit_batch"])
         for layer in LAYERS:
             st = editor.layer_state[layer]
-            assert st["B"].shape == (D_K, D_V) and st["B"].dtype == torch.float64 and st["vv"].dim() == 0
+            assert st["B"].shape == (D_K, D_V) and st["B"].dtype == torch.float64 and st["vv"].shape == (1,)
             # the cumulative fit contains the last batch's fit; every term is non-negative
             t = terms[layer]
             assert t["fit_total"] >= t["fit_batch"] - 1e-9 and min(t["dist_w0"], t["anchor"]) > 0

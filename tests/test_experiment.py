@@ -103,3 +103,146 @@ def test_targets_cache_is_reused_and_exact(model_dir: Path, tmp_path: Path) -> N
     memit = ExperimentSpec(**{**spec.__dict__, "method": "memit", "overrides": dict(SETTINGS)})
     run_experiment(memit, tmp_path / "c", stats_dir=stats, targets_cache=cache)
     assert len(list(cache.glob("targets-*.safetensors"))) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluation parts: fluency, objective terms, zsRE, general capability, resumability, `rlsedit eval`
+
+SMALL_CAPABILITY = {
+    "tasks": ["sst2", "mmlu"],
+    "n_items": 4,
+    "ppl_tokens": 64,
+    "ppl_window": 32,
+    "ppl_stride": 16,
+}
+
+
+def test_run_reports_fluency_and_objective(finished: Path) -> None:
+    res = json.loads((finished / "results.json").read_text())
+    for part in ("pre", "post"):
+        assert res[part]["fluency"] > 0 and res[part]["generation_n"] == 6
+        assert res[part]["consistency"] is None and "consistency_note" in res[part]
+    gen = json.loads((finished / "generation" / "post.json").read_text())
+    assert len(gen["records"]) == 6 and gen["state"]["batches"] == 2
+    for b in json.loads((finished / "batches.json").read_text()):
+        terms = b["objective"]
+        assert set(terms) == {"2", "3"}
+        for t in terms.values():
+            tol = 1e-9 * (1.0 + t["objective"])  # fit_total comes from running sums (cancellation)
+            assert t["fit_total"] >= t["fit_batch"] - tol and t["fit_batch"] >= 0
+            assert t["source"] == "running sums" and t["objective"] >= t["fit_total"]
+    assert res["capability"] is None
+
+
+@pytest.fixture(scope="module")
+def zsre_run(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[ExperimentSpec, Path]:
+    out = tmp_path_factory.mktemp("zsre") / "run"
+    spec = ExperimentSpec(
+        model=str(model_dir),
+        dataset="zsre",
+        edits=4,
+        batch_size=2,
+        eval_every=2,
+        overrides=dict(SETTINGS),
+        capability=dict(SMALL_CAPABILITY),
+    )
+    run_experiment(spec, out, stats_dir=out.parent / "stats")
+    return spec, out
+
+
+def test_zsre_run_with_capability(zsre_run: tuple[ExperimentSpec, Path]) -> None:
+    spec, out = zsre_run
+    res = json.loads((out / "results.json").read_text())
+    assert res["spec"]["dataset"] == "zsre" and res["spec"]["fluency"] == 0
+    for part in ("pre", "post"):
+        for m in ("efficacy", "generalization", "specificity"):
+            assert 0.0 <= res[part][m] <= 100.0
+        assert "fluency" not in res[part]
+    recs = [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]
+    assert len(recs) == 4 and "efficacy_tokens" in recs[0]["post"]
+    cap = res["capability"]
+    assert cap["pre"]["config"]["n_items"] == 4 and set(cap["pre"]) >= {"perplexity", "sst2", "mmlu"}
+    assert cap["post"]["edits"] == 4 and [c["edits"] for c in cap["checkpoints"]] == [2]
+    assert cap["pre"]["mmlu"]["chance"] == 25.0 and len(cap["pre"]["sst2"]["ci95"]) == 2
+    assert (out / "capability" / "000002.json").exists() and (out / "capability" / "000004.json").exists()
+    assert [c["edits"] for c in res["checkpoints"]] == [2]
+
+
+def test_rerun_computes_nothing_again(zsre_run: tuple[ExperimentSpec, Path]) -> None:
+    spec, out = zsre_run
+    files = ["pre.json", "post.json", "batches.json", "capability/pre.json", "capability/000004.json"]
+    files += ["checkpoints/000002.json", "capability/000002.json"]
+    stamps = {f: (out / f).stat().st_mtime_ns for f in files}
+    before = json.loads((out / "results.json").read_text())
+    res = run_experiment(spec, out, stats_dir=out.parent / "stats")
+    assert {f: (out / f).stat().st_mtime_ns for f in files} == stamps
+    assert res["post"] == before["post"] and res["capability"] == before["capability"]
+
+
+def test_spec_written_before_the_evaluation_fields_still_matches(finished: Path, model_dir: Path) -> None:
+    saved = json.loads((finished / "spec.json").read_text())
+    old = {k: v for k, v in saved.items() if k not in ("fluency", "capability", "consistency_dir")}
+    spec = ExperimentSpec(
+        model=str(model_dir), split="tune", edits=6, batch_size=3, eval_every=3, overrides=dict(SETTINGS)
+    )
+    assert spec.matches(saved) and spec.matches(old)
+    assert not ExperimentSpec(**{**spec.__dict__, "fluency": 5}).matches(old)
+
+
+def test_spec_checks_for_the_new_fields() -> None:
+    with pytest.raises(ValueError, match="tune"):
+        ExperimentSpec(dataset="zsre", split="tune")
+    with pytest.raises(ValueError, match="fluency"):
+        ExperimentSpec(fluency=-1)
+    with pytest.raises(ValueError, match="capability task"):
+        ExperimentSpec(capability={"tasks": ["nope"]})
+    assert ExperimentSpec(capability={}).capability["n_items"] == 100
+
+
+def test_eval_command_scores_an_edit_run(model_dir: Path, tmp_path: Path) -> None:
+    from rlsedit.datasets import load_counterfact
+    from rlsedit.editors import load_editor
+    from rlsedit.eval.counterfact import score_counterfact, summarize_counterfact
+    from rlsedit.models.load import load_model
+
+    cases = load_counterfact(split="tune", limit=4)
+    reqs = tmp_path / "edits.jsonl"
+    reqs.write_text("".join(json.dumps(c.request.to_dict()) + "\n" for c in cases))
+    run = tmp_path / "run"
+    argv = [
+        "edit",
+        "--model",
+        str(model_dir),
+        "--requests",
+        str(reqs),
+        "--run",
+        str(run),
+        "--batch-size",
+        "2",
+    ]
+    argv += ["--stats", str(tmp_path / "stats")]
+    for k, v in SETTINGS.items():
+        argv += ["--set", f"{k}={json.dumps(v)}"]
+    assert cli.main(argv) == 0
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--run", str(run), "--dataset", "counterfact", "--fluency", "2", "--objective"]
+    argv += ["--capability", "--capability-items", "2", "--capability-tasks", "rte", "--ppl-tokens", "40"]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["method"] == "rlsedit" and res["requests_active"] == 4
+    assert [r["case_id"] for r in res["records"]] == [c.case_id for c in cases]
+    assert res["summary"]["generation_n"] == 2 and res["summary"]["fluency"] > 0
+    assert set(res["objective"]) == {"2", "3"} and res["capability"]["rte"]["n"] == 2
+    # the same numbers as scoring the loaded editor's model directly
+    model, tok = load_model(str(model_dir))
+    load_editor(run, model, tok, attach=False)
+    want = summarize_counterfact(score_counterfact(model, tok, cases))
+    assert res["summary"]["efficacy"] == pytest.approx(want["efficacy"])
+    assert res["summary"]["specificity"] == pytest.approx(want["specificity"])
+    # --unedited scores the base model; --limit picks cases from the dataset instead of the run
+    base = tmp_path / "base.json"
+    argv = ["eval", "--run", str(run), "--dataset", "counterfact", "--unedited", "--split", "tune"]
+    assert cli.main([*argv, "--limit", "4", "--out", str(base)]) == 0
+    model0, tok0 = load_model(str(model_dir))
+    want0 = summarize_counterfact(score_counterfact(model0, tok0, cases))
+    assert json.loads(base.read_text())["summary"]["efficacy"] == pytest.approx(want0["efficacy"])

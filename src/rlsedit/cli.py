@@ -1,4 +1,5 @@
-"""The ``rlsedit`` command line: ``edit | retract | export | stats | run | report | demo | methods``."""
+"""The ``rlsedit`` command line: ``edit | retract | export | stats | run | eval | report | demo |
+methods``."""
 
 from __future__ import annotations
 
@@ -305,6 +306,61 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _capability_config(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The general-capability settings asked for on the command line (None: not asked)."""
+    if not args.capability:
+        return None
+    cfg: dict[str, Any] = {"n_items": args.capability_items, "ppl_tokens": args.ppl_tokens}
+    if args.capability_tasks:
+        cfg["tasks"] = [t for t in args.capability_tasks.split(",") if t]
+    return cfg
+
+
+def _add_eval_args(p: argparse.ArgumentParser, fluency_default: int) -> None:
+    p.add_argument(
+        "--fluency",
+        type=int,
+        default=fluency_default,
+        metavar="N",
+        help=f"CounterFact: cases generated from for fluency and consistency (default {fluency_default})",
+    )
+    p.add_argument(
+        "--consistency-dir",
+        default=None,
+        help="ROME's attribute_snippets.json, idf.npy, tfidf_vocab.json and counterfact.json (consistency)",
+    )
+    p.add_argument(
+        "--capability", action="store_true", help="measure general capability (WikiText, GLUE, MMLU)"
+    )
+    p.add_argument("--capability-items", type=_positive_int, default=100, help="items per capability task")
+    p.add_argument("--capability-tasks", default="", help="comma-separated subset of sst2,mrpc,cola,rte,mmlu")
+    p.add_argument("--ppl-tokens", type=_positive_int, default=4096, help="WikiText-2 tokens for perplexity")
+
+
+def _print_capability(cap: dict[str, Any], label: str) -> None:
+    parts = []
+    if "perplexity" in cap:
+        parts.append(f"ppl {cap['perplexity']['perplexity']:.2f}")
+    for task in ("sst2", "mrpc", "cola", "rte", "mmlu"):
+        if task in cap:
+            r = cap[task]
+            lo, hi = r["ci95"]
+            parts.append(f"{task} {r['accuracy']:.1f} [{lo:.0f},{hi:.0f}] (chance {r['chance']:.0f})")
+    _out(f"{label:16}" + "; ".join(parts))
+
+
+_METRIC_COLUMNS = (("efficacy", "efficacy"), ("generalization", "general."), ("specificity", "specif."))
+_GEN_COLUMNS = (("fluency", "fluency"), ("consistency", "consist."))
+
+
+def _print_summaries(rows: list[tuple[str, dict[str, Any]]]) -> None:
+    cols = list(_METRIC_COLUMNS) + [c for c in _GEN_COLUMNS if any(c[0] in s for _, s in rows)]
+    _out(f"{'':16}" + "".join(f"{h:>10}" for _, h in cols))
+    for label, s in rows:
+        cells = ["         -" if s.get(k) is None else f"{s[k]:10.1f}" for k, _ in cols]
+        _out(f"{label:16}" + "".join(cells))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from rlsedit.experiment import ExperimentSpec, run_experiment
 
@@ -318,6 +374,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         eval_every=args.eval_every,
         overrides=_overrides(args.set),
+        fluency=args.fluency if args.dataset == "counterfact" else 0,
+        capability=_capability_config(args),
+        consistency_dir=args.consistency_dir,
     )
     res = run_experiment(
         spec,
@@ -328,9 +387,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         command="rlsedit " + " ".join(shlex.quote(a) for a in args.argv),
         targets_cache=args.targets_cache,
     )
-    _out(f"{'':16}{'efficacy':>10}{'general.':>10}{'specif.':>10}")
-    for label, s in (("before editing", res["pre"]), (f"after {res['edits']} edits", res["post"])):
-        _out(f"{label:16}" + "".join(f"{s[k]:10.1f}" for k in ("efficacy", "generalization", "specificity")))
+    _print_summaries([("before editing", res["pre"]), (f"after {res['edits']} edits", res["post"])])
+    if res["post"].get("consistency_note"):
+        _out(f"consistency: {res['post']['consistency_note']}")
+    cap = res.get("capability") or {}
+    if cap:
+        _print_capability(cap["pre"], "capability pre")
+        _print_capability(cap["post"], "capability post")
     per = res["timings"]["per_edit"]
     if per:
         _out(
@@ -338,6 +401,51 @@ def cmd_run(args: argparse.Namespace) -> int:
             + ", ".join(f"{k} {per[k]:.2f}" for k in ("targets", "keys", "update", "total") if k in per)
         )
     _out(f"results: {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rlsedit.experiment import evaluate_run
+    from rlsedit.store import save_json
+
+    run = Path(args.run)
+    args.model = args.model or _run_model_name(run)
+    _, model, tok = _load(args)
+    res = evaluate_run(
+        run,
+        model,
+        tok,
+        dataset=args.dataset,
+        split=args.split,
+        offset=args.offset,
+        limit=args.limit,
+        fluency=args.fluency if args.dataset == "counterfact" else 0,
+        consistency_dir=args.consistency_dir,
+        capability=_capability_config(args),
+        objective=args.objective,
+        unedited=args.unedited,
+    )
+    what = (
+        "unedited base model" if args.unedited else f"{res['method']} ({res['requests_active']} active edits)"
+    )
+    _out(f"{run}: {what}")
+    if res["summary"] is not None:
+        _print_summaries([(f"{args.dataset} n={res['summary']['n']}", res["summary"])])
+        if res["excluded"]:
+            _out(f"left out of the summary (superseded or retracted): {len(res['excluded'])} case(s)")
+        if res["summary"].get("consistency_note"):
+            _out(f"consistency: {res['summary']['consistency_note']}")
+    if res["capability"] is not None:
+        _print_capability(res["capability"], "capability")
+    if res["objective"] is not None:
+        for layer, t in res["objective"].items():
+            _out(
+                f"layer {layer}: fit(batch) {t['fit_batch']:.4g}, fit(all) {t['fit_total']:.4g}, "
+                f"||W-W0||^2 {t['dist_w0']:.4g}, anchor {t['anchor']:.4g}, J {t['objective']:.4g}"
+            )
+    if args.out:
+        save_json(args.out, res)
+        _out(f"results: {args.out}")
     return 0
 
 
@@ -382,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--requests", required=True, help="JSONL file of requests")
     e.add_argument("--run", required=True, help="run directory (created, or resumed if it exists)")
     e.add_argument("--batch-size", type=_positive_int, default=100)
-    e.add_argument("--stats", default=None, help="folder of cached second-moment statistics")
+    e.add_argument("--stats", default=None, help="statistics folder (written by `rlsedit stats --out`)")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (JSON)")
     e.set_defaults(func=cmd_edit)
 
@@ -419,24 +527,46 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-n", type=int, default=4, help="number of facts")
     d.set_defaults(func=cmd_demo)
 
-    rn = sub.add_parser("run", help="a sequential editing experiment on CounterFact, scored; resumable")
+    rn = sub.add_parser(
+        "run", help="a sequential editing experiment on CounterFact or zsRE, scored; resumable"
+    )
     _add_model_args(rn)
     rn.add_argument("--method", default="rlsedit")
-    rn.add_argument("--dataset", default="counterfact", choices=["counterfact"])
+    rn.add_argument("--dataset", default="counterfact", choices=["counterfact", "zsre"])
     rn.add_argument("--split", default="test", choices=["test", "tune"], help="test: held out; tune: sweeps")
     rn.add_argument("--edits", type=int, default=200)
     rn.add_argument("--offset", type=int, default=0, help="skip this many cases of the split first")
     rn.add_argument("--batch-size", type=int, default=100)
     rn.add_argument("--eval-every", type=int, default=0, help="score every K edits (0: only at the end)")
     rn.add_argument("--out", required=True, help="experiment folder (resumed if it exists)")
-    rn.add_argument("--stats", default=None, help="folder of cached second-moment statistics")
+    rn.add_argument("--stats", default=None, help="statistics folder (written by `rlsedit stats --out`)")
     rn.add_argument(
         "--targets-cache",
         default=None,
         help="folder keeping optimised targets; reused for the same model state and requests",
     )
     rn.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (JSON)")
+    _add_eval_args(rn, fluency_default=100)
     rn.set_defaults(func=cmd_run)
+
+    ev = sub.add_parser(
+        "eval", help="score the edited state of a run directory (CounterFact/zsRE, capability)"
+    )
+    _add_model_args(ev)
+    ev.add_argument(
+        "--run", required=True, help="run directory of `rlsedit edit` (or an experiment's editor/)"
+    )
+    ev.add_argument("--dataset", default=None, choices=["counterfact", "zsre"], help="edit cases to score")
+    ev.add_argument("--split", default="test", choices=["test", "tune", "all"], help="with --limit")
+    ev.add_argument("--offset", type=int, default=0, help="with --limit: skip this many cases first")
+    ev.add_argument(
+        "--limit", type=_positive_int, default=None, help="score the first N cases (default: the run's cases)"
+    )
+    ev.add_argument("--objective", action="store_true", help="RLSEdit: the objective's terms per layer")
+    ev.add_argument("--unedited", action="store_true", help="score the base model instead of the edited one")
+    ev.add_argument("--out", default=None, help="write the full results (JSON) here")
+    _add_eval_args(ev, fluency_default=0)
+    ev.set_defaults(func=cmd_eval)
 
     rp = sub.add_parser("report", help="side-by-side table and curves of experiment folders")
     rp.add_argument("runs", nargs="+", help="experiment folders written by `rlsedit run`")

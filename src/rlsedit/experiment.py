@@ -1,17 +1,28 @@
-"""Sequential editing experiments: a stream of CounterFact edits in batches, scored, resumable.
+"""Sequential editing experiments: a stream of CounterFact or zsRE edits in batches, scored, resumable.
 
 Layout of an experiment folder ``out``::
 
-    spec.json            what was asked (model, method, dataset, split, edits, batch size, overrides)
+    spec.json            what was asked (model, method, dataset, split, edits, batch size, overrides, evals)
     editor/              the editor's run directory (weights, state, recorded batches; see rlsedit.store)
     pre.json             per-case scores of the unedited model and their summary
-    batches.json         the report of every applied batch (timings, residuals)
+    batches.json         the report of every applied batch (timings, residuals; RLSEdit: objective terms)
     checkpoints/N.json   scores after N edits (all edited cases so far, and the earliest ones)
+    generation/pre.json  CounterFact fluency / consistency of the unedited model (spec.fluency cases)
+    generation/post.json the same after the last batch
+    capability/pre.json  general capability before editing (spec.capability), capability/N.json after N
+    post.json            per-case scores after the last batch and their summary
     cases.jsonl          final per-case records
-    results.json         final metrics, pre-edit metrics, timings, the full config
+    results.json         final metrics, pre-edit metrics, capability, timings, the full config
 
-Every file is written atomically; a killed run started again with the same arguments resumes after the
-last committed batch.
+Every file is written atomically and computed once; a killed run started again with the same arguments
+resumes after the last committed batch. Files computed after the last batch (``post.json``,
+``generation/post.json``, the last ``capability/N.json``) record the editor state they measured and are
+recomputed if it changed.
+
+Metrics: CounterFact ``efficacy``, ``generalization``, ``specificity`` (+ ``*_acc``; see
+:mod:`rlsedit.eval.counterfact`) and ``fluency``, ``consistency`` (:mod:`rlsedit.eval.fluency`;
+consistency is None without ROME's reference files); zsRE ``efficacy``, ``generalization``,
+``specificity`` as token accuracies (:mod:`rlsedit.eval.zsre`).
 """
 
 from __future__ import annotations
@@ -23,11 +34,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlsedit.datasets import CounterFactCase, load_counterfact, superseded_cases
+from rlsedit.datasets import CounterFactCase, ZsreCase, load_counterfact, load_zsre, superseded_cases
 from rlsedit.eval.counterfact import score_counterfact, summarize_counterfact
+from rlsedit.eval.zsre import score_zsre, summarize_zsre
 from rlsedit.store import RunStore, atomic_write_bytes, load_json, save_json
 
-__all__ = ["ExperimentSpec", "run_experiment"]
+__all__ = ["DATASETS", "ExperimentSpec", "evaluate_run", "run_experiment"]
+
+#: Datasets an experiment can stream.
+DATASETS = ("counterfact", "zsre")
+#: Spec fields added after the first spec format, with the value an older spec.json stands for.
+_LATER_FIELDS: dict[str, Any] = {"fluency": 100, "capability": None, "consistency_dir": None}
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +56,20 @@ class ExperimentSpec:
     """What a sequential run does.
 
     Attributes:
-        model: built-in name or path. method: editor name. dataset: only ``"counterfact"`` so far.
+        model: built-in name or path. method: editor name. dataset: ``"counterfact"`` or ``"zsre"`` (the
+        valid zsRE cases; only the ``"test"`` split, which is all of them).
         split: ``"test"`` (held out) or ``"tune"``. edits: number of cases, taken in case_id order
         (after skipping ``offset``). batch_size: requests per batch. eval_every: score every this many
         edits (0: only at the end). overrides: editor config overrides. retention: sizes of the earliest
         slices re-scored at each checkpoint.
+        fluency: CounterFact only: the number of cases (spread evenly over the stream, superseded ones
+        left out) whose prompts are generated from for fluency and consistency, before and after editing
+        (0: off).
+        capability: general-capability settings (:class:`rlsedit.eval.capability.CapabilityConfig` as a
+        dict; ``{}`` for the defaults), measured before editing, at each checkpoint and at the end; None:
+        off.
+        consistency_dir: a folder with ROME's consistency reference files (see
+        :class:`rlsedit.eval.fluency.ConsistencyReference`); None: consistency is reported unavailable.
     """
 
     model: str = "smollm2-135m"
@@ -56,22 +82,84 @@ class ExperimentSpec:
     eval_every: int = 0
     overrides: dict[str, Any] = field(default_factory=dict)
     retention: list[int] = field(default_factory=lambda: [100, 1000])
+    fluency: int = 100
+    capability: dict[str, Any] | None = None
+    consistency_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if self.dataset != "counterfact":
-            raise ValueError(f"dataset {self.dataset!r} is not supported yet (only 'counterfact')")
+        from rlsedit.eval.capability import CapabilityConfig
+
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset {self.dataset!r} is not supported (valid: {', '.join(DATASETS)})")
+        if self.dataset == "zsre" and self.split != "test":
+            raise ValueError("zsRE has no tune split: use split 'test' (all valid cases)")
         if self.edits < 1 or self.batch_size < 1 or self.eval_every < 0 or self.offset < 0:
             raise ValueError("edits >= 1, batch_size >= 1, eval_every >= 0 and offset >= 0 are required")
+        if self.fluency < 0:
+            raise ValueError("fluency (a number of cases) must be >= 0")
+        if self.dataset != "counterfact":
+            self.fluency = 0  # fluency and consistency are CounterFact metrics
+            if self.consistency_dir is not None:
+                raise ValueError("consistency_dir is for CounterFact only")
+        if self.capability is not None:
+            self.capability = CapabilityConfig(**self.capability).to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": SPEC_FORMAT, **asdict(self)}
 
+    def matches(self, saved: dict[str, Any]) -> bool:
+        """Whether a saved ``spec.json`` describes this experiment (a spec written before a field existed
+        stands for that field's old behaviour, see ``_LATER_FIELDS``)."""
+        return {**_LATER_FIELDS, **saved} == self.to_dict()
 
-def _cases(spec: ExperimentSpec) -> list[CounterFactCase]:
-    cases = load_counterfact(split=spec.split, limit=spec.offset + spec.edits)[spec.offset :]
+
+Case = CounterFactCase | ZsreCase
+
+
+def _cases(spec: ExperimentSpec) -> list[Case]:
+    if spec.dataset == "zsre":
+        cases: list[Case] = list(load_zsre()[spec.offset : spec.offset + spec.edits])
+    else:
+        cases = list(load_counterfact(split=spec.split, limit=spec.offset + spec.edits)[spec.offset :])
     if len(cases) < spec.edits:
-        raise ValueError(f"the {spec.split} split has only {len(cases)} cases after offset {spec.offset}")
+        raise ValueError(
+            f"{spec.dataset} ({spec.split}) has only {len(cases)} cases after offset {spec.offset}"
+        )
     return cases
+
+
+def _spread(cases: list[Case], k: int, skip: set) -> list[Case]:
+    """``k`` cases spread evenly over ``cases`` (those in ``skip`` left out), in stream order."""
+    pool = [c for c in cases if c.case_id not in skip]
+    if k >= len(pool):
+        return pool
+    return [pool[i * len(pool) // k] for i in range(k)]
+
+
+def _state_key(editor: Any) -> dict[str, Any]:
+    """What identifies the editor's current state (for files computed after the last batch)."""
+    last = editor.batches[-1] if editor.batches else None
+    return {
+        "batches": len(editor.batches),
+        "last_hash": None if last is None else last["hash"],
+        "active": int(editor.n_applied),
+    }
+
+
+def _once(path: Path, compute: Any, key: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``path``'s content if it exists (and, with ``key``, was computed for that state); else compute it,
+    save it atomically and return it."""
+    if path.exists():
+        saved = load_json(path)
+        if key is None or saved.get("state") == key:
+            return saved
+        log.info("%s was computed for another editor state; recomputing", path.name)
+    res = compute()
+    if key is not None:
+        res = {**res, "state": key}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_json(path, res)
+    return res
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -79,15 +167,49 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_bytes(path, data.encode())
 
 
-def _score(model, tok, cases: list[CounterFactCase], exclude: set) -> dict[str, Any]:
+def _summarize(dataset: str, records: list[dict[str, Any]], exclude: Any = ()) -> dict[str, Any]:
+    return (summarize_zsre if dataset == "zsre" else summarize_counterfact)(records, exclude)
+
+
+def _score(model, tok, cases: list[Case], exclude: set, dataset: str = "counterfact") -> dict[str, Any]:
     t0 = time.perf_counter()
-    recs = score_counterfact(model, tok, cases)
+    recs = score_zsre(model, tok, cases) if dataset == "zsre" else score_counterfact(model, tok, cases)
     return {
-        "summary": summarize_counterfact(recs, exclude=exclude),
-        "superseded": summarize_counterfact([r for r in recs if r["case_id"] in exclude]),
+        "summary": _summarize(dataset, recs, exclude),
+        "superseded": _summarize(dataset, [r for r in recs if r["case_id"] in exclude]),
         "records": recs,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _generation(model, tok, cases: list[Case], consistency_dir: str | None) -> dict[str, Any]:
+    """Fluency / consistency records and summary of CounterFact ``cases``."""
+    from rlsedit.eval.fluency import ConsistencyReference, score_generation, summarize_generation
+
+    t0 = time.perf_counter()
+    ref = ConsistencyReference.load(consistency_dir) if consistency_dir else None
+    recs = score_generation(model, tok, cases, reference=ref)
+    return {
+        "summary": summarize_generation(recs, reference=ref is not None),
+        "records": recs,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _capability(model, tok, config: dict[str, Any]) -> dict[str, Any]:
+    from rlsedit.eval.capability import evaluate_capability
+
+    return evaluate_capability(model, tok, config)
+
+
+def _objective(editor: Any) -> dict[str, Any] | None:
+    """RLSEdit's objective terms per layer (None for other editors)."""
+    from rlsedit.editors.rlsedit import RLSEditor
+    from rlsedit.eval.objective import objective_terms
+
+    if not isinstance(editor, RLSEditor):
+        return None
+    return {str(layer): terms for layer, terms in objective_terms(editor).items()}
 
 
 def run_experiment(
@@ -114,7 +236,7 @@ def run_experiment(
     spec_path = out / "spec.json"
     if spec_path.exists():
         old = load_json(spec_path)
-        if old != spec.to_dict():
+        if not spec.matches(old):
             raise ValueError(f"{out} holds a different experiment ({old}); use a new folder")
     else:
         save_json(spec_path, spec.to_dict())
@@ -129,8 +251,20 @@ def run_experiment(
         pre = load_json(pre_path)
     else:
         log.info("scoring the unedited model on %d cases", len(cases))
-        pre = _score(model, tok, cases, superseded)
+        pre = _score(model, tok, cases, superseded, spec.dataset)
         save_json(pre_path, pre)
+    gen_cases = _spread(cases, spec.fluency, superseded) if spec.fluency else []
+    gen_pre = None
+    if gen_cases:
+        log.info("generating from the unedited model (%d cases)", len(gen_cases))
+        gen_pre = _once(
+            out / "generation" / "pre.json", lambda: _generation(model, tok, gen_cases, spec.consistency_dir)
+        )
+    capability: dict[str, Any] = {}
+    if spec.capability is not None:
+        log.info("general capability of the unedited model")
+        cap_cfg = spec.capability
+        capability["pre"] = _once(out / "capability" / "pre.json", lambda: _capability(model, tok, cap_cfg))
 
     editor_dir = out / "editor"
     store = RunStore(editor_dir)
@@ -153,8 +287,12 @@ def run_experiment(
         for k, chunk in enumerate(chunks):
             rep = editor.edit([c.request for c in chunk])
             done += len(chunk)
+            objective = _objective(editor) if rep.batches else None
             for b in rep.batches:
-                reports.append({"chunk": k, "edits_after": done, **b.to_dict()})
+                entry = {"chunk": k, "edits_after": done, **b.to_dict()}
+                if objective is not None:
+                    entry["objective"] = objective
+                reports.append(entry)
                 save_json(batches_path, reports)
                 log.info(
                     "batch %d (%d edits): targets %.1fs keys %.1fs update %.2fs; residual %.2f -> %.2f",
@@ -168,19 +306,49 @@ def run_experiment(
                 )
             ck = out / "checkpoints" / f"{done:06d}.json"
             at_checkpoint = spec.eval_every and done % spec.eval_every == 0 and done < len(cases)
-            if at_checkpoint and not ck.exists():
+            # the model holds exactly the first `done` edits only right after this chunk's batch
+            at_head = len(editor.batches) == k + 1
+            if at_checkpoint and not ck.exists() and at_head:
                 edited = cases[:done]
                 exclude = set(superseded_cases(edited))
-                res = _score(model, tok, edited, exclude)
+                res = _score(model, tok, edited, exclude, spec.dataset)
                 retention = {}
                 for size in spec.retention:
                     if size < done:
-                        retention[str(size)] = summarize_counterfact(res["records"][:size], exclude)
+                        retention[str(size)] = _summarize(spec.dataset, res["records"][:size], exclude)
                 save_json(ck, {"edits": done, "summary": res["summary"], "retention": retention})
                 log.info("checkpoint at %d edits: %s", done, _fmt(res["summary"]))
+            cap_ck = out / "capability" / f"{done:06d}.json"
+            if at_checkpoint and spec.capability is not None and not cap_ck.exists() and at_head:
+                log.info("general capability after %d edits", done)
+                save_json(cap_ck, {"edits": done, **_capability(model, tok, spec.capability)})
 
+    key = _state_key(editor)
     log.info("scoring the edited model on %d cases", len(cases))
-    post = _score(model, tok, cases, superseded)
+    post = _once(out / "post.json", lambda: _score(model, tok, cases, superseded, spec.dataset), key)
+    gen_post = None
+    if gen_cases:
+        log.info("generating from the edited model (%d cases)", len(gen_cases))
+        gen_post = _once(
+            out / "generation" / "post.json",
+            lambda: _generation(model, tok, gen_cases, spec.consistency_dir),
+            key,
+        )
+    if spec.capability is not None:
+        log.info("general capability after %d edits", len(cases))
+        cap_cfg = spec.capability
+        capability["post"] = _once(
+            out / "capability" / f"{len(cases):06d}.json",
+            lambda: {"edits": len(cases), **_capability(model, tok, cap_cfg)},
+            key,
+        )
+        capability["checkpoints"] = [
+            load_json(p) for p in sorted((out / "capability").glob("[0-9]*.json")) if int(p.stem) < len(cases)
+        ]
+    pre_summary, post_summary = dict(pre["summary"]), dict(post["summary"])
+    if gen_pre is not None and gen_post is not None:
+        pre_summary.update(gen_pre["summary"])
+        post_summary.update(gen_post["summary"])
     _write_jsonl(
         out / "cases.jsonl",
         [
@@ -202,10 +370,11 @@ def run_experiment(
         "config": editor.config.to_dict(),
         "edits": len(cases),
         "superseded_cases": sorted(superseded),
-        "pre": pre["summary"],
-        "post": post["summary"],
+        "pre": pre_summary,
+        "post": post_summary,
         "post_superseded": post["superseded"],
         "checkpoints": checkpoints,
+        "capability": capability or None,
         "timings": {
             "seconds": timings,
             "per_edit": {k: v / n_timed for k, v in timings.items()} if n_timed else {},
@@ -215,13 +384,126 @@ def run_experiment(
         "batches": reports,
     }
     save_json(out / "results.json", results)
-    log.info("pre-edit:  %s", _fmt(pre["summary"]))
-    log.info("post-edit: %s", _fmt(post["summary"]))
+    log.info("pre-edit:  %s", _fmt(pre_summary))
+    log.info("post-edit: %s", _fmt(post_summary))
     return results
 
 
 def _fmt(summary: dict[str, Any]) -> str:
-    keys = ("efficacy", "generalization", "specificity")
+    keys = ("efficacy", "generalization", "specificity", "fluency", "consistency")
     return ", ".join(f"{k} {summary[k]:.1f}" for k in keys if summary.get(k) is not None) + (
         f" (n={summary.get('n')})"
     )
+
+
+def _run_cases(editor: Any, dataset: str) -> tuple[list[Case], set]:
+    """The dataset cases edited in ``editor``'s run (matched by the requests' ``case_id``, in run order)
+    and the case ids to leave out of summaries: superseded by a later request of the run, or whose last
+    request is no longer active (retracted)."""
+    pool: dict[Any, Case]
+    if dataset == "zsre":
+        pool = {c.case_id: c for c in load_zsre()}
+    else:
+        pool = {c.case_id: c for c in load_counterfact(split="all")}
+    order: list[Any] = []
+    last_active: dict[Any, bool] = {}
+    for b in editor.batches:
+        for j, rd in enumerate(b["requests"]):
+            cid = rd.get("case_id")
+            if cid is None:
+                continue
+            if cid not in last_active:
+                order.append(cid)
+            last_active[cid] = bool(b["active"][j])
+    if not order:
+        raise ValueError("the run's requests carry no case_id: choose the cases with limit (and offset)")
+    missing = [cid for cid in order if cid not in pool]
+    if missing:
+        raise ValueError(f"{len(missing)} case id(s) of the run are not in {dataset} (e.g. {missing[:5]})")
+    cases = [pool[cid] for cid in order]
+    exclude = set(superseded_cases(cases)) | {cid for cid, a in last_active.items() if not a}
+    return cases, exclude
+
+
+def evaluate_run(
+    run: str | Path,
+    model: Any,
+    tokenizer: Any,
+    *,
+    dataset: str | None = None,
+    split: str = "test",
+    offset: int = 0,
+    limit: int | None = None,
+    fluency: int = 0,
+    consistency_dir: str | None = None,
+    capability: dict[str, Any] | None = None,
+    objective: bool = False,
+    unedited: bool = False,
+) -> dict[str, Any]:
+    """Score the edited state saved in ``run`` (a directory of ``rlsedit edit`` or an experiment's
+    ``editor/``); ``model`` must be the base model (or the run's edited state). The run is only read.
+
+    Args:
+        dataset: ``"counterfact"`` or ``"zsre"`` to score edit cases; None: none.
+        split / offset / limit: with ``limit``, score the first ``limit`` cases of ``split`` after
+            ``offset``; without, the cases the run edited (by the requests' ``case_id``), leaving cases
+            superseded or retracted in the run out of the summary.
+        fluency: CounterFact: generate from this many cases (spread evenly) for fluency / consistency.
+        consistency_dir: ROME's consistency reference files (else consistency is reported unavailable).
+        capability: general-capability settings (a ``CapabilityConfig`` dict; ``{}``: defaults); None: off.
+        objective: RLSEdit: the objective's terms per layer.
+        unedited: score the base model instead (the run's edited weights are replaced by ``W_0``).
+
+    Returns:
+        ``{"run", "method", "requests_active", "unedited", "dataset", "summary", "excluded", "records",
+        "generation", "capability", "objective"}`` (absent parts None).
+    """
+    import torch
+
+    from rlsedit.editors import load_editor
+    from rlsedit.models.arch import get_module, weight_kv
+
+    if dataset is not None and dataset not in DATASETS:
+        raise ValueError(f"dataset {dataset!r} is not supported (valid: {', '.join(DATASETS)})")
+    if fluency and dataset != "counterfact":
+        raise ValueError("fluency is measured on CounterFact cases: pass dataset='counterfact'")
+    editor = load_editor(run, model, tokenizer, attach=False)
+    out: dict[str, Any] = {
+        "run": str(run),
+        "method": editor.name,
+        "requests_active": int(editor.n_applied),
+        "unedited": unedited,
+        "dataset": dataset,
+        "summary": None,
+        "excluded": [],
+        "records": None,
+        "generation": None,
+        "capability": None,
+        "objective": None,
+    }
+    if objective:
+        out["objective"] = _objective(editor)
+    if unedited:
+        with torch.no_grad():
+            for layer, name in editor.modules.items():
+                w = weight_kv(get_module(model, name))
+                w.copy_(editor.W0[layer].to(device=w.device, dtype=w.dtype))
+    if dataset is not None:
+        if limit is not None:
+            if dataset == "zsre":
+                cases: list[Case] = list(load_zsre()[offset : offset + limit])
+            else:
+                cases = list(load_counterfact(split=split, limit=offset + limit)[offset:])
+            exclude: set = set()
+        else:
+            cases, exclude = _run_cases(editor, dataset)
+        log.info("scoring %d %s cases", len(cases), dataset)
+        res = _score(model, tokenizer, cases, exclude, dataset)
+        out.update(summary=res["summary"], excluded=sorted(exclude, key=str), records=res["records"])
+        if fluency:
+            gen = _generation(model, tokenizer, _spread(cases, fluency, exclude), consistency_dir)
+            out["generation"] = gen
+            out["summary"] = {**res["summary"], **gen["summary"]}
+    if capability is not None:
+        out["capability"] = _capability(model, tokenizer, capability)
+    return out

@@ -73,7 +73,7 @@ class AlphaEditEditor(LocateThenEditEditor):
         computed once."""
         cache = self._projectors
         if layer not in cache:
-            sigma = self.sigma_on_device(layer).to(torch.float64)
+            sigma = self.sigma_on_device(layer, keep=False).to(torch.float64)
             P, dim = nullspace_projector(sigma, self.config.nullspace_threshold)
             log.info(
                 "alphaedit layer %d: null space of dimension %d of %d kept (threshold %g)",

@@ -432,6 +432,13 @@ class LocateThenEditEditor:
             if not 0 <= layer < n:
                 raise ValueError(f"layer {layer} out of range: the model has {n} layers (0..{n - 1})")
         self.modules = {layer: mlp_out_name(model, layer) for layer in config.layers}
+        for name in self.modules.values():
+            if weight_kv(get_module(model, name)).is_meta:
+                raise ValueError(
+                    f"{name} is offloaded (its weight is on the meta device, loaded only during forwards): "
+                    "an edited layer must live on a device; give the device_map enough GPU memory "
+                    "(max_memory) to hold the model without offloading"
+                )
         self.stats_dir = stats_dir
         self.layer_state: dict[int, dict[str, torch.Tensor]] = {}
         self.batches: list[dict[str, Any]] = []  # manifest entries of applied batches
@@ -456,9 +463,10 @@ class LocateThenEditEditor:
             self.sigmas = {}
         # Each layer's state lives on that layer's device (a model spread by device_map has several).
         for layer in config.layers:
-            sigma = self.sigma_on_device(layer) if layer in self.sigmas else None
+            sigma = self.sigma_on_device(layer, keep=False) if layer in self.sigmas else None
             state = self.init_layer_state(layer, self.W0[layer], sigma)
             self.layer_state[layer] = self._on_layer_device(layer, state)
+            del sigma  # a temporary copy on the layer's device unless an editor keeps one
 
     def layer_device(self, layer: int) -> torch.device:
         """The device of edited layer ``layer``'s weight (where its state and solves live)."""
@@ -468,16 +476,23 @@ class LocateThenEditEditor:
         dev = self.layer_device(layer)
         return {k: v.to(dev) for k, v in state.items()}
 
-    def sigma_on_device(self, layer: int) -> torch.Tensor:
-        """``Sigma`` (``(d_k, d_k)`` float64) of ``layer`` on the layer's device (the copy is kept)."""
+    def sigma_on_device(self, layer: int, keep: bool = True) -> torch.Tensor:
+        """``Sigma`` (``(d_k, d_k)`` float64) of ``layer`` on the layer's device.
+
+        ``self.sigmas`` stay on the CPU; with ``keep`` the copy on another device is kept for later calls
+        (editors that use Sigma in every solve), without it it is made afresh.
+        """
         dev = self.layer_device(layer)
         sigma = self.sigmas[layer]
         if sigma.device == dev:
             return sigma
         cache: dict[int, torch.Tensor] = self.__dict__.setdefault("_sigma_on_device", {})
-        if layer not in cache or cache[layer].device != dev:
-            cache[layer] = sigma.to(dev)
-        return cache[layer]
+        if layer in cache and cache[layer].device == dev:
+            return cache[layer]
+        moved = sigma.to(dev)
+        if keep:
+            cache[layer] = moved
+        return moved
 
     def _compute_sigmas(self) -> dict[int, torch.Tensor]:
         from rlsedit.stats import second_moments

@@ -11,7 +11,7 @@ with a per-batch cost that does not grow with the number of edits. The recorded 
 written to the run directory, so any batch, or one request, can be retracted exactly later.
 
 Layer state: ``C`` (``C_t``), ``A`` (``A_t``, float64) and the running sums over the active requests
-``B = sum_s K_s V_s`` (``(d_k, d_v)``, float64) and ``vv = sum_s ||V_s||_F^2`` (a float64 scalar), so that
+``B = sum_s K_s V_s`` (``(d_k, d_v)``, float64) and ``vv = sum_s ||V_s||_F^2`` (``(1,)``, float64), so that
 the objective's terms can be evaluated without reading the records (:mod:`rlsedit.eval.objective`), with
 ``sum_s K_s K_s^T = A_t - A_0``. A run saved before ``B`` and ``vv`` existed resumes without them.
 """
@@ -96,14 +96,14 @@ class RLSEditor(LocateThenEditEditor):
         self, layer: int, W0: torch.Tensor, sigma: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
         """``C_0 = (lam^2 I + mu^2 Sigma)^{-1}`` in ``state_dtype`` and ``A_0`` (float64), both ``(d_k, d_k)``
-        on Sigma's device (the layer's), and the zero running sums ``B (d_k, d_v)`` and ``vv ()``."""
+        on Sigma's device (the layer's), and the zero running sums ``B (d_k, d_v)`` and ``vv (1,)``."""
         cfg = self.config
         assert sigma is not None
         C0 = initial_inverse(sigma, cfg.lam, cfg.mu, dtype=cfg.dtype)
         # A_0 exactly as C_0 inverts it (initial_inverse symmetrises Sigma), in float64
         A0 = anchor_matrix(sigma, cfg.lam, cfg.mu)
         B = torch.zeros(tuple(W0.shape), dtype=torch.float64, device=A0.device)
-        return {"C": C0, "A": A0, "B": B, "vv": torch.zeros((), dtype=torch.float64, device=A0.device)}
+        return {"C": C0, "A": A0, "B": B, "vv": torch.zeros(1, dtype=torch.float64, device=A0.device)}
 
     def solve(self, layer: int, K: torch.Tensor, E: torch.Tensor, W: torch.Tensor) -> _Pending:
         """One RLS step for keys ``K (d_k, u)`` and residual share ``E (u, d_v)``.

@@ -71,7 +71,9 @@ class ROMEEditor(LocateThenEditEditor):
         once."""
         cache = self._metrics
         if layer not in cache:
-            cache[layer] = initial_inverse(self.sigma_on_device(layer), self.config.lam, self.config.mu)
+            cache[layer] = initial_inverse(
+                self.sigma_on_device(layer, keep=False), self.config.lam, self.config.mu
+            )
         return cache[layer]
 
     def solve(self, layer: int, K: torch.Tensor, E: torch.Tensor, W: torch.Tensor) -> _Pending:

@@ -379,7 +379,8 @@ def perplexity(
     m = len(sums)
     if m > 1:
         # ratio estimator over windows (clusters): se^2 = m/(m-1) * sum (s_i - mean c_i)^2 / n^2
-        se = math.sqrt(m / (m - 1) * math.fsum((si - mean * ci) ** 2 for si, ci in zip(sums, counts)) / n**2)
+        dev = math.fsum((si - mean * ci) ** 2 for si, ci in zip(sums, counts, strict=True))
+        se = math.sqrt(m / (m - 1) * dev) / n
     else:
         se = 0.0
     vocab = getattr(model.config, "vocab_size", None)
