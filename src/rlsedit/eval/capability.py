@@ -49,6 +49,7 @@ from torch import nn
 
 from rlsedit.eval.summary import Z95, wilson_interval
 from rlsedit.locate.tokens import pad_id_of, pad_rows
+from rlsedit.models.arch import input_device
 
 __all__ = [
     "CAPABILITY_TASKS",
@@ -230,7 +231,7 @@ def label_logprobs(
     """
     from rlsedit.editors.base import context_limit
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = pad_id_of(tokenizer)
     limit = context_limit(model)
     label_ids = [list(tokenizer(" " + lab.strip(), add_special_tokens=False)["input_ids"]) for lab in labels]
@@ -244,6 +245,7 @@ def label_logprobs(
             chunk = rows[s : s + batch_size]
             ids, mask = pad_rows(chunk, pad)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            logits = logits.to(device)  # the LM head may sit on another device
             last = torch.tensor([len(r) - 1 for r in chunk], device=device)
             logp = torch.log_softmax(logits[torch.arange(len(chunk), device=device), last].float(), -1)
             out[s : s + len(chunk)] = logp[:, firsts].cpu()
@@ -258,6 +260,7 @@ def label_logprobs(
         chunk = flat[s : s + batch_size]
         ids, mask = pad_rows([row for _, _, row, _ in chunk], pad)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        logits = logits.to(device)  # the LM head may sit on another device
         for k, (i, j, _, start) in enumerate(chunk):
             t_ids = label_ids[j]
             pos = torch.arange(start - 1, start - 1 + len(t_ids), device=device)
@@ -349,7 +352,7 @@ def perplexity(
     ids = _first_tokens(tokenizer, text, n_tokens)
     if len(ids) < 2:
         raise ValueError("the text has fewer than 2 tokens")
-    device = next(model.parameters()).device
+    device = input_device(model)
     # windows: (begin, end, first scored position)
     spans: list[tuple[int, int, int]] = []
     prev_end = 1  # token 0 has no context
@@ -367,6 +370,7 @@ def perplexity(
         chunk = spans[s : s + batch_size]
         x, mask = pad_rows([ids[b:e] for b, e, _ in chunk], pad)
         logits = model(input_ids=x.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        logits = logits.to(device)  # the LM head may sit on another device
         for k, (b, e, first) in enumerate(chunk):
             pos = torch.arange(first - b - 1, e - b - 1, device=device)  # predicts tokens first..e-1
             tgt = torch.tensor(ids[first:e], device=device)

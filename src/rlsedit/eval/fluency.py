@@ -40,6 +40,7 @@ from torch import nn
 
 from rlsedit.eval.summary import summarize_metrics
 from rlsedit.locate.tokens import pad_id_of
+from rlsedit.models.arch import input_device
 
 __all__ = [
     "CONSISTENCY_UNAVAILABLE",
@@ -170,7 +171,7 @@ def generate_ids(
     limit = context_limit(model)
     if limit is not None:
         max_length = min(max_length, limit)
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = pad_id_of(tokenizer)
     encoded = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
     out: list[list[int]] = []

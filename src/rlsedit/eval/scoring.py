@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from rlsedit.locate.tokens import pad_id_of, pad_rows
+from rlsedit.models.arch import input_device
 
 __all__ = [
     "continuation_logprobs",
@@ -41,7 +42,7 @@ def _teacher_forced(
     """
     if len(prompts) != len(targets):
         raise ValueError("prompts and targets must have the same length")
-    device = next(model.parameters()).device
+    device = input_device(model)
     rows, spans = [], []
     for p, t in zip(prompts, targets, strict=True):
         p_ids = list(tokenizer(p, add_special_tokens=True)["input_ids"])
@@ -54,6 +55,7 @@ def _teacher_forced(
     for s in range(0, len(rows), batch_size):
         ids, mask = pad_rows(rows[s : s + batch_size], pad)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        logits = logits.to(device)  # the LM head may sit on another device
         for k, (start, t_ids) in enumerate(spans[s : s + batch_size]):
             pos = torch.arange(start - 1, start - 1 + len(t_ids), device=device)
             tok = torch.tensor(t_ids, device=device)
@@ -126,7 +128,7 @@ def greedy_continuations(
     model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 8
 ) -> list[str]:
     """Greedy continuation text of each prompt (one at a time: no padding effects)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = pad_id_of(tokenizer)
     out = []
     for p in prompts:
