@@ -362,6 +362,12 @@ def run_experiment(
         for key, v in r.get("timings", {}).items():
             timings[key] = timings.get(key, 0.0) + float(v)
     n_timed = sum(int(r["n_requests"]) for r in reports)
+    computed = [r for r in reports if not r.get("targets_cached", False)]
+    n_computed = sum(int(r["n_requests"]) for r in computed)
+    computed_sums: dict[str, float] = {}
+    for r in computed:
+        for key, v in r.get("timings", {}).items():
+            computed_sums[key] = computed_sums.get(key, 0.0) + float(v)
     if command is None and (out / "results.json").exists():
         command = load_json(out / "results.json").get("command")
     results = {
@@ -379,7 +385,12 @@ def run_experiment(
             "seconds": timings,
             "per_edit": {k: v / n_timed for k, v in timings.items()} if n_timed else {},
             "edits_timed": n_timed,
-            "note": "timings cover the batches applied by the invocations that produced batches.json",
+            "per_edit_targets_computed": (
+                {k: v / n_computed for k, v in computed_sums.items()} if n_computed else {}
+            ),
+            "edits_targets_computed": n_computed,
+            "note": "timings cover the batches applied by the invocations that produced batches.json; "
+            "per_edit_targets_computed leaves out batches whose targets came from --targets-cache",
         },
         "batches": reports,
     }

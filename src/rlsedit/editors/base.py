@@ -185,6 +185,7 @@ class BatchReport:
     residual_after: float = float("nan")
     target_nll_init: float = float("nan")
     target_nll_final: float = float("nan")
+    targets_cached: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -788,6 +789,7 @@ class LocateThenEditEditor:
         report.residual_after = mean([s.residual_after for s in subs])
         report.target_nll_init = mean([s.target_nll_init for s in subs])
         report.target_nll_final = mean([s.target_nll_final for s in subs])
+        report.targets_cached = all(s.targets_cached for s in subs)
         for layer, p in merged.items():
             report.layers[layer] = {
                 "residual_norm": mean([s.layers[layer]["residual_norm"] for s in subs]),
@@ -813,6 +815,7 @@ class LocateThenEditEditor:
         z = tr.z
         report.target_nll_init = float(tr.nll_init.mean())
         report.target_nll_final = float(tr.nll_final.mean())
+        report.targets_cached = bool(tr.extra.get("cached", False))
         timings = {"targets": time.perf_counter() - t0, "keys": 0.0, "update": 0.0}
         pendings: dict[int, _Pending] = {}
         weights = self._weights()
