@@ -246,3 +246,16 @@ def test_eval_command_scores_an_edit_run(model_dir: Path, tmp_path: Path) -> Non
     model0, tok0 = load_model(str(model_dir))
     want0 = summarize_counterfact(score_counterfact(model0, tok0, cases))
     assert json.loads(base.read_text())["summary"]["efficacy"] == pytest.approx(want0["efficacy"])
+
+
+def test_batch_report_is_json_native_even_when_figures_are_missing() -> None:
+    from rlsedit.editors.base import BatchReport
+    from rlsedit.store import save_json
+
+    rep = BatchReport(
+        batch_id=0, n_requests=1, layers={5: {"residual_norm": float("nan"), "delta_norm": 1.0}}
+    )
+    d = rep.to_dict()
+    assert d["layers"]["5"]["residual_norm"] is None and d["residual_before"] is None
+    assert d["layers"]["5"]["delta_norm"] == 1.0
+    save_json(Path(__import__("tempfile").mkdtemp()) / "r.json", d)  # no NaN reaches JSON

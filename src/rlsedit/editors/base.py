@@ -18,6 +18,7 @@ import difflib
 import hashlib
 import json
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -189,9 +190,20 @@ class BatchReport:
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-native form; NaN/inf figures (not measured, e.g. FT has no residual) become None."""
         d = dataclasses.asdict(self)
         d["layers"] = {str(k): v for k, v in self.layers.items()}
-        return d
+        return _finite_or_none(d)
+
+
+def _finite_or_none(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_none(v) for v in x]
+    return x
 
 
 @dataclass
