@@ -42,16 +42,7 @@ ARCHS = ["llama", "gpt2", "gpt_neox", "phi", "qwen2"]
 EDITORS = list_editors()
 
 #: Settings shared by every editor on the tiny models (target optimisation and the edited layers).
-TINY_COMMON: dict[str, Any] = {
-    "layers": [2, 3],
-    "n_templates": 0,
-    "kl_factor": 0.0,
-    "weight_decay": 0.0,
-    "steps": 60,
-    "lr": 1.0,
-    "clamp_norm_factor": 4.0,
-    "stop_nll": 0.01,
-}
+TINY_COMMON: dict[str, Any] = {"layers": [2, 3], **tiny_models.STRONG_TARGETS}
 #: Per-editor settings on the tiny models (over TINY_COMMON). The anchors are weak: the tiny models'
 #: statistics come from a few texts, and the edits must be strong enough to measure.
 TINY_SETTINGS: dict[str, dict[str, Any]] = {

@@ -13,19 +13,12 @@ from rlsedit import EditRequest, load_editor, make_editor
 from rlsedit.editors import RLSEditor
 from rlsedit.editors.rlsedit import anchor_matrix
 from rlsedit.eval.objective import objective_terms, objective_terms_from_records
-from tiny_models import TINY_DIMS, tiny_model
+from tiny_models import SAMPLE_REQUESTS, TINY_DIMS, tiny_model
 
 LAYERS = (1, 2)
 D_K, D_V = TINY_DIMS["intermediate"], TINY_DIMS["hidden"]
 
-REQUESTS = [
-    EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English"),
-    EditRequest("{} is located in the city of", "Eiffel Tower", "Rome"),
-    EditRequest("The capital of {} is", "Japan", "Paris"),
-    EditRequest("{} plays the sport of", "Michael Jordan", "soccer"),
-    EditRequest("The headquarters of {} is in", "Microsoft", "London"),
-    EditRequest("{} is a professional", "Lionel Messi", "basketball"),
-]
+REQUESTS = [EditRequest(*r) for r in SAMPLE_REQUESTS]
 
 
 def _sigmas() -> dict[int, torch.Tensor]:

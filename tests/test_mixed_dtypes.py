@@ -26,13 +26,7 @@ from rlsedit.models.load import load_model
 #: edited layer -> dtype of its MLP output projection (the other parameters stay float32)
 DTYPES = {2: torch.float64, 3: torch.bfloat16}
 SETTINGS: dict[str, Any] = {
-    "n_templates": 0,
-    "kl_factor": 0.0,
-    "weight_decay": 0.0,
-    "steps": 60,
-    "lr": 1.0,
-    "clamp_norm_factor": 4.0,
-    "stop_nll": 0.01,
+    **tiny_models.STRONG_TARGETS,
     "stats_samples": 12,
     "stats_max_len": 24,
 }

@@ -26,7 +26,7 @@ from rlsedit import EditRequest, load_editor, make_editor
 from rlsedit.editors import EditError, RLSEditor
 from rlsedit.linalg import RetractionError, drift, reinvert
 from rlsedit.models.arch import get_arch
-from tiny_models import TINY_DIMS, tiny_model
+from tiny_models import SAMPLE_REQUESTS, TINY_DIMS, tiny_model
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,7 @@ TOL_W = 1e-5
 #: Tolerance on ``||C A - I||_F / sqrt(d)`` for a float64 state.
 TOL_C = 1e-9
 
-REQUESTS = [
-    EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English"),
-    EditRequest("{} is located in the city of", "Eiffel Tower", "Rome"),
-    EditRequest("The capital of {} is", "Japan", "Paris"),
-    EditRequest("{} plays the sport of", "Michael Jordan", "soccer"),
-    EditRequest("The headquarters of {} is in", "Microsoft", "London"),
-    EditRequest("{} is a professional", "Lionel Messi", "basketball"),
-]
+REQUESTS = [EditRequest(*r) for r in SAMPLE_REQUESTS]
 
 
 # ----------------------------------------------------------------------------------------------------------

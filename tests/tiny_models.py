@@ -203,3 +203,26 @@ def tiny_model(
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
     return model, tiny_tokenizer()
+
+
+#: Requests used by the editor tests (subjects and targets in plain text; ``{}`` marks the subject).
+SAMPLE_REQUESTS = [
+    ("The mother tongue of {} is", "Danielle Darrieux", "English"),
+    ("{} is located in the city of", "Eiffel Tower", "Rome"),
+    ("The capital of {} is", "Japan", "Paris"),
+    ("{} plays the sport of", "Michael Jordan", "soccer"),
+    ("The headquarters of {} is in", "Microsoft", "London"),
+    ("{} is a professional", "Lionel Messi", "basketball"),
+]
+
+#: Target settings strong enough to move a tiny random model measurably (no templates, no KL or weight
+#: decay, many large Adam steps, a loose norm clamp).
+STRONG_TARGETS: dict = {
+    "n_templates": 0,
+    "kl_factor": 0.0,
+    "weight_decay": 0.0,
+    "steps": 60,
+    "lr": 1.0,
+    "clamp_norm_factor": 4.0,
+    "stop_nll": 0.01,
+}

@@ -212,6 +212,29 @@ def _objective(editor: Any) -> dict[str, Any] | None:
     return {str(layer): terms for layer, terms in objective_terms(editor).items()}
 
 
+def batch_targets_cached(batch: dict[str, Any]) -> bool:
+    """Whether a batch report's targets came from a ``--targets-cache``. Reports written before batches
+    carried ``targets_cached`` count as cached when they show under 0.5 s of target optimisation (a
+    batch's optimisation takes minutes)."""
+    return bool(batch.get("targets_cached", float(batch.get("timings", {}).get("targets", 0.0)) < 0.5))
+
+
+def timing_sums(
+    batches: list[dict[str, Any]], skip_cached_targets: bool = False
+) -> tuple[dict[str, float], int]:
+    """Summed ``timings`` of batch reports and the number of requests they cover (optionally leaving out
+    batches whose targets were read from a cache)."""
+    sums: dict[str, float] = {}
+    n = 0
+    for b in batches:
+        if skip_cached_targets and batch_targets_cached(b):
+            continue
+        n += int(b["n_requests"])
+        for key, v in b.get("timings", {}).items():
+            sums[key] = sums.get(key, 0.0) + float(v)
+    return sums, n
+
+
 def run_experiment(
     spec: ExperimentSpec,
     out: str | Path,
@@ -357,17 +380,8 @@ def run_experiment(
         ],
     )
     checkpoints = [load_json(p) for p in sorted((out / "checkpoints").glob("*.json"))]
-    timings: dict[str, float] = {}
-    for r in reports:
-        for key, v in r.get("timings", {}).items():
-            timings[key] = timings.get(key, 0.0) + float(v)
-    n_timed = sum(int(r["n_requests"]) for r in reports)
-    computed = [r for r in reports if not r.get("targets_cached", False)]
-    n_computed = sum(int(r["n_requests"]) for r in computed)
-    computed_sums: dict[str, float] = {}
-    for r in computed:
-        for key, v in r.get("timings", {}).items():
-            computed_sums[key] = computed_sums.get(key, 0.0) + float(v)
+    timings, n_timed = timing_sums(reports)
+    computed_sums, n_computed = timing_sums(reports, skip_cached_targets=True)
     if command is None and (out / "results.json").exists():
         command = load_json(out / "results.json").get("command")
     results = {

@@ -32,18 +32,10 @@ def _cell(v: Any, digits: int = 1) -> str:
 
 def _per_edit_computed(result: dict[str, Any]) -> dict[str, float]:
     """Seconds per edit over the batches whose targets were optimised in the run (not read from a
-    ``--targets-cache``). Results written before batches carried ``targets_cached`` count a batch as
-    cached when it reports under 0.5 s of target optimisation (a batch's optimisation takes minutes)."""
-    sums: dict[str, float] = {}
-    n = 0
-    for b in result.get("batches", []):
-        t = b.get("timings", {})
-        cached = b.get("targets_cached", float(t.get("targets", 0.0)) < 0.5)
-        if cached:
-            continue
-        n += int(b["n_requests"])
-        for k, v in t.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+    ``--targets-cache``); see :func:`rlsedit.experiment.timing_sums`."""
+    from rlsedit.experiment import timing_sums
+
+    sums, n = timing_sums(result.get("batches", []), skip_cached_targets=True)
     if not n:
         return result.get("timings", {}).get("per_edit", {})
     return {k: v / n for k, v in sums.items()}
