@@ -135,3 +135,39 @@ def test_fallback_warns_and_matches(
     assert fell.extra["fast"] is False and "no KV cache" in fell.extra["fallback"]
     assert any("fast path does not support gpt2" in r.getMessage() for r in caplog.records)
     assert torch.equal(fell.z, slow.z)
+
+
+def test_chunk_loss_matches_per_row_terms() -> None:
+    """The vectorised loss of a chunk equals the loss written row by row: each request's NLL is the mean
+    over its target tokens of -log p, averaged over its contexts; the KL rows add kl_factor * KL(p0 || p)."""
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model("llama", seed=0, **OVERRIDES)
+    rows = [r for rr in targets_mod._build_rows(tokenizer, REQUESTS, CONTEXTS, "{} is a") for r in rr]
+    sites = targets_mod._Sites(
+        inject="model.layers.1.mlp.down_proj", read="model.layers.1", final_norm="model.norm"
+    )
+    fwd = targets_mod._FullForward(model, sites, rows, 0)
+    vec = torch.randn(len(rows), model.config.hidden_size) * 3.0
+    out = fwd(list(range(len(rows))), vec)
+    chunk = list(range(len(REQUESTS)))
+    n_ctx = len(CONTEXTS)
+    kl_init: list = [None] * len(REQUESTS)
+    ref_p = [torch.log_softmax(torch.randn(model.config.vocab_size), -1) for _ in REQUESTS]
+    kl_init[1], kl_init[3] = ref_p[1], ref_p[3]  # the others are set from this call's distributions
+    loss, nll = targets_mod._chunk_loss(model, rows, out, chunk, n_ctx, kl_init, 0.25)
+    ref_nll = {i: torch.zeros(()) for i in chunk}
+    ref_kl = torch.zeros(())
+    for k, r in enumerate(rows):
+        lp = torch.log_softmax(
+            targets_mod.logits_from_hidden(model, out.hidden[k, torch.tensor(r.target_pos)]).float(), -1
+        )
+        if r.kind == "nll":
+            ref_nll[r.req] += -lp[torch.arange(len(r.target_tok)), torch.tensor(r.target_tok)].mean() / n_ctx
+        else:
+            p0 = ref_p[r.req] if r.req in (1, 3) else lp[0].detach()
+            ref_kl += (p0.exp() * (p0 - lp[0])).sum()
+    for i in chunk:
+        assert torch.allclose(nll[i], ref_nll[i], rtol=1e-5, atol=1e-6)
+    assert float(ref_kl) > 1e-3  # requests 1 and 3 have a reference other than their own distribution
+    assert torch.allclose(loss, 0.25 * ref_kl, rtol=1e-5, atol=1e-6)
+    assert all(t is not None for t in kl_init)

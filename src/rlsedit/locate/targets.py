@@ -393,6 +393,72 @@ def _make_forward(
     return _FullForward(model, sites, rows, pad), {"fast": False, "fallback": reason}
 
 
+def _chunk_loss(
+    model: nn.Module,
+    rows: Sequence[_Row],
+    out: _ChunkOutput,
+    chunk: Sequence[int],
+    n_ctx: int,
+    kl_init: list[torch.Tensor | None],
+    kl_factor: float,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The KL part of a chunk's loss and each request's NLL (averaged over its contexts).
+
+    The LM head runs only on the positions that predict a target token (NLL rows) or the next token (KL
+    rows), ``(n_sel, vocab)``; every term is then taken with one gather per kind, so the backward writes
+    the ``(n_sel, vocab)`` gradient once rather than once per row (a per-row slice would zero-fill it per
+    row). ``kl_init[i]`` is set to request ``i``'s unedited log-distribution on first use.
+
+    Returns ``(kl_factor * sum of the KL terms, {request: NLL})``, scalars on the logits' device.
+    """
+    sel_rows: list[int] = []
+    sel_pos: list[int] = []
+    for k, r in enumerate(rows):
+        for p in r.target_pos:
+            sel_rows.append(k)
+            sel_pos.append(p - out.start[k])
+    hdev = out.hidden.device
+    logits = logits_from_hidden(
+        model, out.hidden[torch.tensor(sel_rows, device=hdev), torch.tensor(sel_pos, device=hdev)]
+    ).float()
+    logp = torch.log_softmax(logits, -1)  # (n_sel, vocab)
+    dev = logp.device
+    slot = {i: j for j, i in enumerate(chunk)}
+    nll_at: list[int] = []  # NLL rows: flat position, target token, weight, request slot
+    nll_tok: list[int] = []
+    nll_w: list[float] = []
+    nll_slot: list[int] = []
+    kl_at: list[int] = []
+    kl_req: list[int] = []
+    cursor = 0
+    for r in rows:
+        span = len(r.target_pos)
+        if r.kind == "nll":
+            nll_at.extend(range(cursor, cursor + span))
+            nll_tok.extend(r.target_tok)
+            nll_w.extend([1.0 / (span * n_ctx)] * span)
+            nll_slot.extend([slot[r.req]] * span)
+        else:
+            kl_at.append(cursor)
+            kl_req.append(r.req)
+        cursor += span
+    picked = logp[torch.tensor(nll_at, device=dev), torch.tensor(nll_tok, device=dev)]
+    per_slot = logp.new_zeros(len(chunk)).index_add(
+        0, torch.tensor(nll_slot, device=dev), -picked * torch.tensor(nll_w, device=dev, dtype=logp.dtype)
+    )
+    nll_sum = {i: per_slot[j] for j, i in enumerate(chunk)}
+    loss = logp.new_zeros(())
+    if kl_at:
+        lp_kl = logp[torch.tensor(kl_at, device=dev)]  # (n_kl, vocab)
+        for k, i in enumerate(kl_req):
+            if kl_init[i] is None:
+                kl_init[i] = lp_kl[k].detach()
+        ref = torch.stack([kl_init[i] for i in kl_req]).to(dev)
+        kl = F.kl_div(lp_kl, ref, log_target=True, reduction="sum")
+        loss = loss + kl_factor * kl
+    return loss, nll_sum
+
+
 def compute_targets(
     model: nn.Module,
     tokenizer,
@@ -460,33 +526,7 @@ def compute_targets(
                     for k in range(0, len(rows), rows_per_req):
                         h0[rows[k].req] = out.block[k, rows[k].subject_last - out.start[k]].float().to(device)
                 # Gather the needed positions, then the LM head on those only.
-                sel_rows, sel_pos = [], []
-                for k, r in enumerate(rows):
-                    for p in r.target_pos:
-                        sel_rows.append(k)
-                        sel_pos.append(p - out.start[k])
-                hdev = out.hidden.device
-                logits = logits_from_hidden(
-                    model,
-                    out.hidden[torch.tensor(sel_rows, device=hdev), torch.tensor(sel_pos, device=hdev)],
-                ).float()
-                logp = torch.log_softmax(logits, -1)
-                loss = logp.new_zeros(())
-                cursor = 0
-                nll_sum = {i: logp.new_zeros(()) for i in chunk}
-                for r in rows:
-                    span = len(r.target_pos)
-                    lp = logp[cursor : cursor + span]
-                    cursor += span
-                    if r.kind == "nll":
-                        tok = torch.tensor(r.target_tok, device=lp.device)
-                        nll_sum[r.req] = nll_sum[r.req] + (-lp.gather(1, tok[:, None]).mean()) / n_ctx
-                    else:
-                        if kl_init[r.req] is None:
-                            kl_init[r.req] = lp[0].detach()
-                        ref = kl_init[r.req]
-                        kl = F.kl_div(lp[0], ref, log_target=True, reduction="sum")
-                        loss = loss + cfg.kl_factor * kl
+                loss, nll_sum = _chunk_loss(model, rows, out, chunk, n_ctx, kl_init, cfg.kl_factor)
                 learning = False
                 for i in chunk:
                     nll = float(nll_sum[i].detach())
