@@ -11,10 +11,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rlsedit import linalg
 from rlsedit.linalg import (
     RetractionError,
     alphaedit_delta,
     drift,
+    drift_estimate,
     initial_inverse,
     memit_delta,
     nullspace_projector,
@@ -189,6 +191,45 @@ def test_rls_step_does_not_mutate_inputs():
     for before, after in zip(copies, (C, W0, K, V), strict=True):
         assert torch.equal(before, after)
     assert C_next.data_ptr() != C.data_ptr() and W_next.data_ptr() != W0.data_ptr()
+
+
+@pytest.mark.parametrize("panel", [1, 7, 16, 50, 4096])
+@pytest.mark.parametrize("alpha", [-1.0, 1.0])
+def test_sym_rank_update_matches_dense_and_is_symmetric(panel: int, alpha: float) -> None:
+    """The panelled update equals C + alpha G G^T (float64 dense), is exactly symmetric, and in place
+    (out = C) gives the same matrix, for panel sizes that do and do not divide d."""
+    g = torch.Generator().manual_seed(panel)
+    d, u = 50, 6
+    X = torch.randn(d, d, generator=g, dtype=torch.float64)
+    C = X @ X.T + d * torch.eye(d, dtype=torch.float64)
+    G = torch.randn(d, u, generator=g, dtype=torch.float64)
+    dense = C + alpha * (G @ G.T)
+    out = linalg._sym_rank_update(C, G, torch.empty_like(C), alpha=alpha, panel=panel)
+    assert rel(out, dense) < 1e-14
+    assert torch.equal(out, out.T)
+    C2 = C.clone()
+    same = linalg._sym_rank_update(C2, G, C2, alpha=alpha, panel=panel)
+    assert same.data_ptr() == C2.data_ptr()
+    assert torch.equal(same, out)
+
+
+def test_rls_step_inplace_equals_out_of_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(linalg, "_PANEL_ROWS", 5)
+    sigma, W0, keys, values, _ = make_problem(seed=5)
+    C = initial_inverse(sigma, LAM, MU)
+    K = keys(4)
+    V = values(K, W0)
+    C_ref, W_ref = rls_step(C, W0, K, V)
+    C_in = C.clone()
+    C_next, W_next = rls_step(C_in, W0, K, V, inplace=True)
+    assert C_next.data_ptr() == C_in.data_ptr()
+    assert torch.equal(C_next, C_ref) and torch.equal(W_next, W_ref)
+    # a failing step (non-positive-definite S) leaves C as it was
+    C_bad = -torch.eye(C.shape[0], dtype=C.dtype)
+    before = C_bad.clone()
+    with pytest.raises(ValueError, match="positive definite"):
+        rls_step(C_bad, W0, K, V, inplace=True)
+    assert torch.equal(C_bad, before)
 
 
 def test_rls_step_float32_weights_with_float64_inverse():
@@ -663,6 +704,25 @@ def _drift_run(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_drift_estimate_close_to_exact(seed: int) -> None:
+    """The probe estimate of ||A C - I||_F / sqrt(d) is within a factor 1.5 of the exact value (64 probes),
+    deterministic per seed, and 0 for an exact identity residual."""
+    g = torch.Generator().manual_seed(seed)
+    d = 80
+    X = torch.randn(d, d, generator=g, dtype=torch.float64)
+    A = X @ X.T + d * torch.eye(d, dtype=torch.float64)
+    C = torch.linalg.inv(A) + 1e-6 * torch.randn(d, d, generator=g, dtype=torch.float64)
+    exact = drift(C, A)
+    est = drift_estimate(C, A, probes=64, seed=seed)
+    assert exact / 1.5 < est < exact * 1.5
+    assert est == drift_estimate(C, A, probes=64, seed=seed)
+    eye = torch.eye(d, dtype=torch.float64)
+    assert drift_estimate(eye, eye) == 0.0
+    with pytest.raises(ValueError, match="probes"):
+        drift_estimate(C, A, probes=0)
+
+
 def test_drift_over_ten_thousand_updates():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: threading only adds overhead and noise

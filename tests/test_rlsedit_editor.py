@@ -561,6 +561,28 @@ def test_drift_checked_after_batches(caplog: pytest.LogCaptureFixture) -> None:
         assert torch.equal(st["C"], reinvert(st["A"], torch.float32))
 
 
+def test_drift_estimated_above_exact_max(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers larger than ``drift_exact_max`` get the randomised estimate (not the O(d^3) product); it is
+    near the exact figure, and a bound below it still re-inverts."""
+    from rlsedit.editors import rlsedit as rls_mod
+
+    editor = _editor(state_dtype="float32", drift_check_every=0, drift_exact_max=0, drift_probes=64)
+    editor.edit(REQUESTS, batch_size=2)
+    exact = {layer: drift(st["C"], st["A"]) for layer, st in editor.layer_state.items()}
+
+    def no_exact(*_a: object) -> float:
+        raise AssertionError("the exact drift ran above drift_exact_max")
+
+    monkeypatch.setattr(rls_mod, "drift", no_exact)
+    drifts = editor.check_drift()
+    for layer, d in drifts.items():
+        assert 0.5 * exact[layer] < d < 2.0 * exact[layer]
+    editor.config.drift_bound = 1e-30
+    editor.check_drift()
+    for st in editor.layer_state.values():
+        assert torch.equal(st["C"], reinvert(st["A"], torch.float32))
+
+
 def test_drift_float64_is_tiny() -> None:
     """A float64 state stays an inverse of A to rounding level."""
     editor = _editor(drift_check_every=0)

@@ -25,7 +25,15 @@ from typing import Any, ClassVar
 import torch
 
 from rlsedit.editors.base import EditorConfig, LocateThenEditEditor, _Pending, register_editor
-from rlsedit.linalg import RetractionError, drift, initial_inverse, reinvert, rls_retract, rls_step
+from rlsedit.linalg import (
+    RetractionError,
+    drift,
+    drift_estimate,
+    initial_inverse,
+    reinvert,
+    rls_retract,
+    rls_step,
+)
 from rlsedit.models.arch import add_delta_kv, get_module
 
 __all__ = ["RLSEditConfig", "RLSEditor", "anchor_matrix"]
@@ -54,6 +62,10 @@ class RLSEditConfig(EditorConfig):
         state_dtype: dtype of ``C_t`` ("float64" or "float32").
         drift_check_every: check ``||A_t C_t - I||`` every this many batches (0: never).
         drift_bound: re-invert ``A_t`` when the drift passes this (default: 1e-6 in float64, 1e-3 in float32).
+        drift_exact_max: layers with ``d_k`` up to this get the exact drift (``O(d_k^3)``); larger ones a
+            randomised estimate with ``drift_probes`` probes (``O(d_k^2 probes)``, see
+            :func:`rlsedit.linalg.drift_estimate`): at ``d_k = 14336`` the exact check costs more than ten
+            updates.
     """
 
     lam: float = 1.0
@@ -61,6 +73,8 @@ class RLSEditConfig(EditorConfig):
     state_dtype: str = "float64"
     drift_check_every: int = 10
     drift_bound: float | None = None
+    drift_exact_max: int = 4096
+    drift_probes: int = 32
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,6 +86,8 @@ class RLSEditConfig(EditorConfig):
             raise ValueError(f"state_dtype must be one of {sorted(_DTYPES)}")
         if self.drift_check_every < 0:
             raise ValueError("drift_check_every must be >= 0")
+        if self.drift_exact_max < 0 or self.drift_probes < 1:
+            raise ValueError("drift_exact_max must be >= 0 and drift_probes >= 1")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -122,9 +138,9 @@ class RLSEditor(LocateThenEditEditor):
         K64, V64 = K32.to(torch.float64), V32.to(torch.float64)
         C_next, W_next = rls_step(st["C"], W64, K64, V64)
         delta = W_next - W64
-        state = {"C": C_next, "A": st["A"] + K64 @ K64.T}
+        state = {"C": C_next, "A": torch.addmm(st["A"], K64, K64.T)}
         if "B" in st:  # running sums (absent in runs saved before they existed)
-            state["B"] = st["B"] + K64 @ V64
+            state["B"] = torch.addmm(st["B"], K64, V64)
             state["vv"] = st["vv"] + (V64 * V64).sum()
         return _Pending(
             delta=delta,
@@ -138,10 +154,15 @@ class RLSEditor(LocateThenEditEditor):
             self.check_drift()
 
     def check_drift(self) -> dict[int, float]:
-        """``||A_t C_t - I||`` per layer; re-inverts ``A_t`` where it passes the bound."""
+        """``||A_t C_t - I||_F / sqrt(d_k)`` per layer (exact, or estimated above ``drift_exact_max``);
+        re-inverts ``A_t`` where it passes the bound."""
         out = {}
         for layer, st in self.layer_state.items():
-            d = drift(st["C"], st["A"])
+            C, A = st["C"], st["A"]
+            if C.shape[0] <= self.config.drift_exact_max:
+                d = drift(C, A)
+            else:
+                d = drift_estimate(C, A, self.config.drift_probes, seed=len(self.batches))
             out[layer] = d
             if d > self.config.bound:
                 log.warning("layer %d: drift %.3g > %.3g; re-inverting A_t", layer, d, self.config.bound)
