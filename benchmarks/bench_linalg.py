@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from benchlib import median, sync, timed
-from rlsedit.linalg import alphaedit_delta, drift, rls_step, solve_spd
+from rlsedit.linalg import alphaedit_delta, drift, drift_estimate, rls_step, solve_spd
 
 __all__ = ["SyntheticProblem", "bench_update_vs_history", "bench_update_vs_resolve", "flops_estimates"]
 
@@ -128,7 +128,8 @@ def bench_update_vs_history(
         ``{"d_k", "d_v", "u", "dtype", "device", "repeats", "batches": [{"batch", "edits_before",
         "edits_after", "update_s", "samples", "a_update_s"}], "first_s", "last_s", "ratio_last_first",
         "window", "ratio_window", "a_update_s", "drift_s", "drift", "drift_every",
-        "drift_amortised_s"}`` (seconds).
+        "drift_amortised_s", "drift_estimate_s", "drift_estimate"}`` (seconds; the estimate is
+        :func:`rlsedit.linalg.drift_estimate` with its default 32 probes).
     """
     if n_batches < 1 or repeats < 1:
         raise ValueError("n_batches and repeats must be >= 1")
@@ -175,6 +176,11 @@ def bench_update_vs_history(
     for _ in range(drift_repeats):
         seconds, value = timed(lambda: drift(C, A), device)
         drift_samples.append(seconds)
+    est_samples = []
+    est_value = float("nan")
+    for _ in range(drift_repeats):
+        seconds, est_value = timed(lambda: drift_estimate(C, A), device)
+        est_samples.append(seconds)
     window = max(1, n_batches // 10)
     first_w = median([r["update_s"] for r in rows[:window]])
     last_w = median([r["update_s"] for r in rows[-window:]])
@@ -197,6 +203,8 @@ def bench_update_vs_history(
         "drift": value,
         "drift_every": drift_every,
         "drift_amortised_s": drift_s / drift_every if drift_every else 0.0,
+        "drift_estimate_s": median(est_samples),
+        "drift_estimate": est_value,
     }
 
 

@@ -47,8 +47,9 @@ def read_at_subject(
         ids = batch.input_ids[sl].to(device)
         mask = batch.attention_mask[sl].to(device)
         idx = batch.subject_last[sl].to(device)
-        # Trim right padding of this chunk.
-        width = int(mask.sum(1).max())
+        # The forward is causal: tokens after the last subject token cannot change what is read there, so
+        # the chunk is cut after the latest subject's last token (this also trims the right padding).
+        width = int(idx.max()) + 1
         ids, mask = ids[:, :width], mask[:, :width]
         with trace(
             model, [module_name], capture_input=read_input, capture_output=not read_input, stop=True

@@ -1,0 +1,51 @@
+"""Keys and hidden states read at the subject's last token, in padded batches cut after the latest subject
+token, equal what one full, unpadded forward of each prompt gives at that token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlsedit.hooks import trace
+from rlsedit.locate import compute_hidden, compute_keys
+from rlsedit.locate.tokens import encode_text_upto
+from rlsedit.models.arch import get_arch
+from rlsedit.requests import EditRequest
+from tiny_models import SAMPLE_REQUESTS, tiny_model
+
+CONTEXTS = ["", "Hello there. ", "The capital of Japan is Tokyo, Japan. "]
+TEST_REQUESTS = [EditRequest(*r) for r in SAMPLE_REQUESTS]
+
+
+def _one_by_one(model, tokenizer, name: str, read_input: bool, contexts) -> torch.Tensor:
+    rows = []
+    for req in TEST_REQUESTS:
+        per_ctx = []
+        for ctx in contexts:
+            ids, last = encode_text_upto(
+                tokenizer, ctx + req.text, len(ctx) + len(req.prefix) + len(req.subject)
+            )
+            with (
+                torch.no_grad(),
+                trace(model, [name], capture_input=read_input, capture_output=not read_input) as tr,
+            ):
+                model(input_ids=torch.tensor([ids]))
+            x = tr[name].input if read_input else tr[name].output
+            per_ctx.append(x[0, last].float())
+        rows.append(torch.stack(per_ctx))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_keys_and_hidden_match_unbatched_full_forward(model_type: str) -> None:
+    model, tokenizer = tiny_model(model_type, seed=0)
+    arch = get_arch(model)
+    proj = f"{arch.blocks}.1.{arch.mlp_out}"
+    block = f"{arch.blocks}.1"
+    K = compute_keys(model, tokenizer, TEST_REQUESTS, proj, CONTEXTS, chunk_size=3)
+    ref = _one_by_one(model, tokenizer, proj, True, CONTEXTS)
+    assert K.shape == (ref.shape[-1], len(TEST_REQUESTS))
+    assert torch.allclose(K, ref.mean(1).T, rtol=1e-4, atol=1e-5)
+    h = compute_hidden(model, tokenizer, TEST_REQUESTS, block, chunk_size=3)
+    ref_h = _one_by_one(model, tokenizer, block, False, [""])[:, 0]
+    assert torch.allclose(h, ref_h, rtol=1e-4, atol=1e-5)
