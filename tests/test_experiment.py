@@ -44,6 +44,8 @@ def test_run_writes_results(finished: Path) -> None:
         for m in ("efficacy", "generalization", "specificity"):
             assert 0.0 <= res[part][m] <= 100.0
     assert [b["batch_id"] for b in res["batches"]] == [0, 1]
+    for b in res["batches"]:  # memory over the stream, per batch
+        assert b["memory"]["rss_bytes"] > 0 and b["memory"]["max_rss_bytes"] > 0
     assert res["timings"]["edits_timed"] == 6
     assert set(res["timings"]["per_edit"]) >= {"targets", "keys", "update", "total"}
     assert [c["edits"] for c in res["checkpoints"]] == [3]
@@ -259,3 +261,42 @@ def test_batch_report_is_json_native_even_when_figures_are_missing() -> None:
     assert d["layers"]["5"]["residual_norm"] is None and d["residual_before"] is None
     assert d["layers"]["5"]["delta_norm"] == 1.0
     save_json(Path(__import__("tempfile").mkdtemp()) / "r.json", d)  # no NaN reaches JSON
+
+
+def test_sampled_checkpoints_and_shared_pre_cache(finished: Path, model_dir: Path, tmp_path: Path) -> None:
+    """checkpoint_cases scores a spread sample (plus the retention slices in full); the unedited model's
+    scores are computed after the stream, kept in pre_cache and reused by the next run on the same model."""
+    spec = ExperimentSpec(
+        model=str(model_dir),
+        split="tune",
+        edits=6,
+        batch_size=2,
+        eval_every=2,
+        overrides=dict(SETTINGS),
+        retention=[1, 3],
+        checkpoint_cases=2,
+    )
+    cache, stats = tmp_path / "pre", finished.parent / "stats"
+    a = run_experiment(spec, tmp_path / "a", stats_dir=stats, pre_cache=cache)
+    ck = {c["edits"]: c for c in a["checkpoints"]}
+    assert sorted(ck) == [2, 4]
+    assert ck[2]["summary_cases"] == 2 and ck[2]["cases_scored"] == 2 and set(ck[2]["retention"]) == {"1"}
+    # at 4 edits: sample {0, 3} and the first 3 cases for retention: 4 cases scored
+    assert (
+        ck[4]["summary_cases"] == 2 and ck[4]["cases_scored"] == 4 and set(ck[4]["retention"]) == {"1", "3"}
+    )
+    assert ck[4]["summary"]["n"] == 2 and ck[4]["retention"]["3"]["n"] == 3
+    files = list(cache.glob("pre-*-counterfact-v*.jsonl"))
+    assert len(files) == 1 and len(files[0].read_text().splitlines()) == 6
+    # the pre-edit figures equal those of a run that scored the unedited model without the cache
+    base = json.loads((finished / "results.json").read_text())
+    for m in ("efficacy", "generalization", "specificity"):
+        assert a["pre"][m] == base["pre"][m]
+    # a second run (another method) takes every pre-edit score from the cache
+    stamp = files[0].stat().st_mtime_ns
+    memit = ExperimentSpec(**{**spec.__dict__, "method": "memit", "overrides": dict(SETTINGS)})
+    b = run_experiment(memit, tmp_path / "b", stats_dir=stats, pre_cache=cache)
+    assert files[0].stat().st_mtime_ns == stamp
+    assert b["pre"] == a["pre"]
+    with pytest.raises(ValueError, match="checkpoint_cases"):
+        ExperimentSpec(checkpoint_cases=-1)

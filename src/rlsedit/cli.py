@@ -377,6 +377,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         fluency=args.fluency if args.dataset == "counterfact" else 0,
         capability=_capability_config(args),
         consistency_dir=args.consistency_dir,
+        checkpoint_cases=args.checkpoint_cases,
     )
     res = run_experiment(
         spec,
@@ -386,6 +387,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         stats_dir=args.stats,
         command="rlsedit " + " ".join(shlex.quote(a) for a in args.argv),
         targets_cache=args.targets_cache,
+        pre_cache=args.pre_cache,
     )
     _print_summaries([("before editing", res["pre"]), (f"after {res['edits']} edits", res["post"])])
     if res["post"].get("consistency_note"):
@@ -538,12 +540,24 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--offset", type=int, default=0, help="skip this many cases of the split first")
     rn.add_argument("--batch-size", type=int, default=100)
     rn.add_argument("--eval-every", type=int, default=0, help="score every K edits (0: only at the end)")
+    rn.add_argument(
+        "--checkpoint-cases",
+        type=int,
+        default=0,
+        help="at checkpoints, score N edited cases spread over the stream (plus the retention slices); "
+        "0: all (the final scoring always covers all)",
+    )
     rn.add_argument("--out", required=True, help="experiment folder (resumed if it exists)")
     rn.add_argument("--stats", default=None, help="statistics folder (written by `rlsedit stats --out`)")
     rn.add_argument(
         "--targets-cache",
         default=None,
         help="folder keeping optimised targets; reused for the same model state and requests",
+    )
+    rn.add_argument(
+        "--pre-cache",
+        default=None,
+        help="folder keeping the unedited model's per-case scores, shared by runs on the same model",
     )
     rn.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (JSON)")
     _add_eval_args(rn, fluency_default=100)
