@@ -45,12 +45,15 @@ class TokenCounts:
     """Token positions (padding included: it is computed too) that went through the model.
 
     Attributes:
-        block_fwd: positions through the transformer blocks, forward (every forward, with or without grad).
+        block_fwd: positions into the first block, forward (every forward, with or without grad).
+        block_param_tokens: sum over blocks of (block parameters x positions run through it), forward:
+            counts blocks that were skipped (the fast path's layer skip) as not run.
         block_bwd: positions back-propagated through the blocks (counted at the last block's output).
         head_fwd / head_bwd: positions through the LM head, forward / backward.
     """
 
     block_fwd: int = 0
+    block_param_tokens: int = 0
     block_bwd: int = 0
     head_fwd: int = 0
     head_bwd: int = 0
@@ -78,10 +81,15 @@ def count_tokens(model: nn.Module) -> Iterator[TokenCounts]:
     head = get_module(model, arch.lm_head)
     counts = TokenCounts()
 
-    def first_block(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = _main(args) if args else kwargs.get("hidden_states")
-        if isinstance(x, torch.Tensor):
-            counts.block_fwd += _positions(x)
+    def block_counter(index: int, n_params: int):
+        def on_forward(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = _main(args) if args else kwargs.get("hidden_states")
+            if isinstance(x, torch.Tensor):
+                counts.block_param_tokens += n_params * _positions(x)
+                if index == 0:
+                    counts.block_fwd += _positions(x)
+
+        return on_forward
 
     def backward_counter(field: str):
         def on_grad(grad: torch.Tensor) -> None:
@@ -103,7 +111,12 @@ def count_tokens(model: nn.Module) -> Iterator[TokenCounts]:
             y.register_hook(backward_counter("head_bwd"))
 
     handles = [
-        blocks[0].register_forward_pre_hook(first_block, with_kwargs=True),
+        b.register_forward_pre_hook(
+            block_counter(i, sum(p.numel() for p in b.parameters())), with_kwargs=True
+        )
+        for i, b in enumerate(blocks)
+    ]
+    handles += [
         blocks[len(blocks) - 1].register_forward_hook(last_block),
         head.register_forward_hook(head_fwd),
     ]
@@ -131,6 +144,9 @@ def param_counts(model: nn.Module, layer: int) -> dict[str, int]:
 def target_flops(params: dict[str, int], counts: TokenCounts) -> dict[str, float]:
     """FLOPs of a target optimisation from the tokens it ran (attention scores neglected).
 
+    ``2 P T_fwd`` below is ``2 sum_b P_b T_b`` (each block's parameters times the positions it ran), which
+    equals it when every block runs every position (not so with the fast path's layer skip).
+
     * ``standard`` = ``2 P T_fwd + 4 P T_bwd + 2 H h_fwd + 4 H h_bwd``: the usual "6 x params x tokens"
       (forward 2, backward 4 per parameter and token) for tokens that are also back-propagated, with
       ``P`` the block parameters, ``H`` the LM head's.
@@ -140,8 +156,9 @@ def target_flops(params: dict[str, int], counts: TokenCounts) -> dict[str, float
     """
     P, Pa, H = params["blocks"], params["blocks_after_layer"], params["head"]
     c = counts
-    standard = 2.0 * P * c.block_fwd + 4.0 * P * c.block_bwd + 2.0 * H * c.head_fwd + 4.0 * H * c.head_bwd
-    tight = 2.0 * P * c.block_fwd + 2.0 * Pa * c.block_bwd + 2.0 * H * (c.head_fwd + c.head_bwd)
+    fwd = 2.0 * c.block_param_tokens  # = 2 P T_fwd when every block runs every position
+    standard = fwd + 4.0 * P * c.block_bwd + 2.0 * H * c.head_fwd + 4.0 * H * c.head_bwd
+    tight = fwd + 2.0 * Pa * c.block_bwd + 2.0 * H * (c.head_fwd + c.head_bwd)
     return {"standard": standard, "tight": tight}
 
 
@@ -173,13 +190,18 @@ def bench_targets(
     Returns:
         ``{"n_requests", "n_contexts", "layer", "params", "gflops", "paths": {"fast"|"full": {"seconds",
         "samples", "per_edit_s", "tokens", "flops", "floor_s", "mean_steps", "nll_final", "fast_path_ran",
-        "prefix_seconds"}}, "ratio_full_fast", "z_rel_diff"}``.
+        "prefix_seconds", "skip_layers"}}, "ratio_full_fast", "ratio_no_skip_fast", "z_rel_diff",
+        "z_rel_diff_no_skip"}`` (paths: ``fast`` with the layer skip, ``fast_no_skip``, ``full``).
     """
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
     base = config or TargetConfig()
     params = param_counts(model, layer)
-    paths = {"fast": dataclasses.replace(base, fast=True), "full": dataclasses.replace(base, fast=False)}
+    paths = {
+        "fast": dataclasses.replace(base, fast=True, skip_layers=True),
+        "fast_no_skip": dataclasses.replace(base, fast=True, skip_layers=False),
+        "full": dataclasses.replace(base, fast=False),
+    }
     samples: dict[str, list[float]] = {p: [] for p in paths}
     counts: dict[str, TokenCounts] = {}
     results = {}
@@ -221,10 +243,13 @@ def bench_targets(
             "nll_final": float(res.nll_final.mean()),
             "fast_path_ran": bool(res.extra.get("fast", False)),
             "prefix_seconds": res.extra.get("prefix_seconds"),
+            "skip_layers": bool(res.extra.get("skip_layers", False)),
         }
     out["ratio_full_fast"] = out["paths"]["full"]["seconds"] / out["paths"]["fast"]["seconds"]
-    zf, zs = results["fast"].z, results["full"].z
-    out["z_rel_diff"] = float((zf - zs).norm() / zs.norm().clamp_min(1e-30))
+    out["ratio_no_skip_fast"] = out["paths"]["fast_no_skip"]["seconds"] / out["paths"]["fast"]["seconds"]
+    zs = results["full"].z
+    out["z_rel_diff"] = float((results["fast"].z - zs).norm() / zs.norm().clamp_min(1e-30))
+    out["z_rel_diff_no_skip"] = float((results["fast_no_skip"].z - zs).norm() / zs.norm().clamp_min(1e-30))
     return out
 
 

@@ -557,7 +557,9 @@ def section_targets(ctx: Context) -> Section:
         t, f, fl = p["tokens"], p["flops"], p["floor_s"]
         table.rows.append(
             [
-                name + ("" if name == "full" or p["fast_path_ran"] else " (fell back to full)"),
+                name
+                + ("" if name == "full" or p["fast_path_ran"] else " (fell back to full)")
+                + (" (layer skip off)" if name == "fast" and not p.get("skip_layers", True) else ""),
                 fmt_seconds(p["seconds"]),
                 fmt_seconds(p["per_edit_s"]),
                 f"{p['mean_steps']:.1f}",
@@ -573,7 +575,9 @@ def section_targets(ctx: Context) -> Section:
     sec.summary += [
         f"fast path {fmt_seconds(fast['per_edit_s'])} per edit, straightforward path "
         f"{fmt_seconds(full['per_edit_s'])}: **{fmt_ratio(r['ratio_full_fast'])}** faster "
-        f"(targets agree to {r['z_rel_diff']:.1e} relative)",
+        f"(targets agree to {r['z_rel_diff']:.1e} relative); the layer skip's share: fast without it "
+        f"{fmt_seconds(r['paths']['fast_no_skip']['per_edit_s'])} per edit "
+        f"({fmt_ratio(r['ratio_no_skip_fast'])} of the fast path)",
         f"fast path: {fmt_ratio(fast['seconds'] / fast['floor_s']['standard'])} the standard FLOP floor, "
         f"{fmt_ratio(fast['seconds'] / fast['floor_s']['tight'])} the tight one",
     ]
@@ -582,7 +586,9 @@ def section_targets(ctx: Context) -> Section:
         f"P_after = {pc['blocks_after_layer']:,}, LM head H = {pc['head']:,}.",
         "Tokens are counted by hooks while the targets are optimised (one run per path; the counts are the "
         "same in every run): T_fwd = token positions entering the first block (every forward, padding "
-        "included, the fast path's one-off prefix forward included), T_bwd = positions back-propagated "
+        "included, the fast path's one-off prefix and suffix forwards included; with the layer skip the "
+        "blocks up to the edited one do not run for the suffix tokens at each step, so the forward FLOPs "
+        "count each block's parameters times the positions it ran), T_bwd = positions back-propagated "
         "through the last block, h_fwd / h_bwd = positions through the LM head.",
         "standard FLOPs = 2 P T_fwd + 4 P T_bwd + 2 H h_fwd + 4 H h_bwd (the usual 6 x params x tokens "
         "for tokens that are also back-propagated); tight FLOPs = 2 P T_fwd + 2 P_after T_bwd + "
@@ -592,8 +598,9 @@ def section_targets(ctx: Context) -> Section:
         f"floor = FLOPs / the float32 rate of a {s.matmul_n}x{s.matmul_n} torch.matmul on this machine "
         f"({gflops:.1f} GFLOP/s, median of {s.matmul_repeats}); the model's much smaller matmuls run "
         "slower than that, so the floor is optimistic.",
-        "The two paths run in turn in each repeat, in alternating order, without an untimed warm-up; "
-        "both take the same steps (early stop per request at NLL < stop_nll); target settings are the "
+        "The paths (fast = prefix cache + layer skip, the default; fast_no_skip = prefix cache only; full = "
+        "straightforward) run in turn in each repeat, in alternating order, without an untimed warm-up; "
+        "all take the same steps (early stop per request at NLL < stop_nll); target settings are the "
         "model's RLSEdit defaults.",
     ]
     return sec

@@ -128,7 +128,7 @@ def test_model_benchmarks_on_a_tiny_model(tiny_model_factory) -> None:
         EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome"),
     ]
     r = bench_model.bench_targets(
-        model, tok, reqs, 1, ["", "The "], repeats=1, gflops=10.0, config=TargetConfig(steps=2)
+        model, tok, reqs, 1, ["", "The "], repeats=1, gflops=10.0, config=TargetConfig(steps=6, stop_nll=0.0)
     )
     fast, full = r["paths"]["fast"], r["paths"]["full"]
     assert fast["fast_path_ran"] and not full["fast_path_ran"]
@@ -139,7 +139,13 @@ def test_model_benchmarks_on_a_tiny_model(tiny_model_factory) -> None:
     for p in (fast, full):
         assert p["flops"]["tight"] < p["flops"]["standard"]
         assert p["floor_s"]["standard"] == pytest.approx(p["flops"]["standard"] / 1e10)
-    assert r["z_rel_diff"] < 1e-4
+    assert r["z_rel_diff"] < 1e-4 and r["z_rel_diff_no_skip"] < 1e-4
+    # the layer skip: fewer block parameter-tokens forward than without it, the same backward
+    no_skip = r["paths"]["fast_no_skip"]
+    assert fast["skip_layers"] and not no_skip["skip_layers"]
+    assert fast["tokens"]["block_param_tokens"] < no_skip["tokens"]["block_param_tokens"]
+    assert fast["tokens"]["block_bwd"] == no_skip["tokens"]["block_bwd"]
+    assert fast["flops"]["tight"] < no_skip["flops"]["tight"]
 
     before = {layer: weight_kv(get_module(model, mlp_out_name(model, layer))).clone() for layer in (0, 1)}
     sigmas = {layer: torch.eye(64, dtype=torch.float64) for layer in (0, 1)}

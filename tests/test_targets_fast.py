@@ -32,6 +32,8 @@ LAYER = 1
 #: gradients, whose Adam-normalised steps amplify float rounding)
 OVERRIDES = {"initializer_range": 0.3}
 RTOL = 1e-4
+#: architectures with a norm after the MLP output (the delta does not add to the block output there)
+POST_MLP_NORM = {"olmo2", "gemma2", "gemma3_text", "gemma3"}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -67,10 +69,13 @@ def test_fast_matches_straightforward(model_type: str) -> None:
     fast = _run(model, tokenizer, fast=True, stop_nll=stop_nll)
     assert (slow.steps < STEPS).any() and (slow.steps == STEPS).any()
     _assert_same(slow, fast)
+    # the layer skip runs wherever the delta adds to the block output; a norm after the MLP turns it off
+    assert fast.extra["skip_layers"] is (model_type not in POST_MLP_NORM), fast.extra["skip_reason"]
 
 
+@pytest.mark.parametrize("skip", [False, True])
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-def test_chunk_forward_matches_and_keeps_cache(model_type: str) -> None:
+def test_chunk_forward_matches_and_keeps_cache(model_type: str, skip: bool) -> None:
     """One chunk forward with a nonzero delta: the cached forward's outputs and gradients equal the full
     forward's at every real token from the subject's last one on, and the stored prefix cache is unchanged."""
     model, tokenizer = tiny_model(model_type, seed=0, **OVERRIDES)
@@ -81,7 +86,10 @@ def test_chunk_forward_matches_and_keeps_cache(model_type: str) -> None:
     )
     pad = tokenizer.pad_token_id
     full = targets_mod._FullForward(model, sites, rows, pad)
-    fast = targets_mod._PrefixCachedForward(model, sites, rows, pad, chunk_rows=7)
+    fast = targets_mod._PrefixCachedForward(
+        model, sites, rows, pad, chunk_rows=7, layer=LAYER if skip else None
+    )
+    assert (fast.layer == LAYER) if skip else (fast.layer is None)
     stored = [t.clone() for t in (*fast.keys, *fast.values)]
     idx = [0, 3, 4, 7, 12, 20, 21, 24]  # rows of several requests, with prefixes of 0 .. many tokens
     assert min(rows[k].subject_last for k in idx) == 0 < max(rows[k].subject_last for k in idx)
@@ -102,6 +110,11 @@ def test_chunk_forward_matches_and_keeps_cache(model_type: str) -> None:
     assert torch.allclose(h_fast, h_full, rtol=1e-4, atol=1e-5)
     assert torch.allclose(g_fast, g_full, rtol=1e-4, atol=1e-6)
     assert torch.equal(h_again, h_fast) and torch.equal(g_again, g_fast)
+    # the block output at the subject's last token (column 0 of the cached forward) carries the delta
+    with torch.no_grad():
+        b_full, b_fast = full(idx, vec).block, fast(idx, vec).block
+    at_subject = b_full[torch.arange(len(idx)), torch.tensor([rows[i].subject_last for i in idx])]
+    assert torch.allclose(b_fast[:, 0], at_subject, rtol=1e-4, atol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(stored, (*fast.keys, *fast.values), strict=True))
 
 

@@ -64,6 +64,9 @@ class TargetConfig:
     #: compute the prefix key/value cache once and run only the tokens from the subject's last token on
     #: (same results up to float rounding; 2-3x faster on SmolLM2-135M); False runs every row in full
     fast: bool = True
+    #: on the fast path, also skip blocks up to the edited one for the suffix tokens (self-checked; off
+    #: where the delta does not add to the block's output)
+    skip_layers: bool = True
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.steps < 1 or self.chunk_rows < 1:
@@ -186,6 +189,7 @@ class _Sites:
     inject: str
     read: str
     final_norm: str
+    layer: int = 0  # index of the block that gets the delta
 
 
 def _run_chunk(
@@ -263,6 +267,35 @@ def _cache_layers(cache: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return list(zip(cache.key_cache, cache.value_cache, strict=True))  # transformers 4.x
 
 
+class _SkippedBlock(nn.Module):
+    """Stands in for a block whose output at the suffix tokens is known: returns ``output`` (or, when it is
+    None, its input unchanged) without computing anything. Copies the block's plain attributes (e.g.
+    ``attention_type``, ``layer_idx``), which some models read from their blocks inside the layer loop."""
+
+    def __init__(self, block: nn.Module, output: torch.Tensor | None = None) -> None:
+        super().__init__()
+        for name, value in vars(block).items():
+            if not name.startswith("_") and not isinstance(value, nn.Module | torch.Tensor):
+                object.__setattr__(self, name, value)
+        self.output = output
+
+    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return hidden_states if self.output is None else self.output
+
+
+@contextmanager
+def _blocks_replaced(blocks: nn.ModuleList, stubs: Sequence[nn.Module]) -> Iterator[None]:
+    """Temporarily put ``stubs[j]`` in place of ``blocks[j]`` (j < len(stubs))."""
+    saved = [blocks[j] for j in range(len(stubs))]
+    try:
+        for j, stub in enumerate(stubs):
+            blocks[j] = stub
+        yield
+    finally:
+        for j, block in enumerate(saved):
+            blocks[j] = block
+
+
 class _PrefixCachedForward:
     """The fast forward: the prefix (tokens before the subject's last token) of every row is encoded once,
     then each call runs only the rows' suffixes (the subject's last token onwards) on that cache.
@@ -272,10 +305,25 @@ class _PrefixCachedForward:
     call gathers its rows into a fresh ``DynamicCache`` (the stored tensors are never mutated: the cache's
     updates concatenate into new tensors), right-pads the suffixes, and passes the attention mask
     ``[prefix mask | suffix mask]`` and the position ids of the unpadded rows.
+
+    Layer skip (``layer`` given): the suffix tokens' states up to block ``layer`` do not depend on the delta
+    either (the delta enters at that block's MLP output, at the suffix's first token, and a block's
+    attention reads the keys and values of its own input), so block ``layer``'s output at the suffix is
+    computed once too, and each call replaces blocks ``0..layer`` by stubs returning it (plus the delta at
+    the suffix's first token): only the blocks above ``layer`` run. This assumes the delta adds to the
+    block's output, which a self-check at construction verifies on a few rows with a random delta (against the
+    forward with the delta injected at the MLP output); where it fails (e.g. a norm after the MLP) the
+    skip is turned off and every block runs.
     """
 
     def __init__(
-        self, model: nn.Module, sites: _Sites, rows: Sequence[_Row], pad: int, chunk_rows: int
+        self,
+        model: nn.Module,
+        sites: _Sites,
+        rows: Sequence[_Row],
+        pad: int,
+        chunk_rows: int,
+        layer: int | None = None,
     ) -> None:
         from transformers import DynamicCache
 
@@ -290,8 +338,17 @@ class _PrefixCachedForward:
         self.width = max(r.subject_last for r in rows)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        if self.width == 0:
-            return
+        self.layer: int | None = None
+        self.skip_reason: str | None = "not requested" if layer is None else None
+        self.suffix_out: torch.Tensor | None = None
+        if self.width > 0:
+            self._build_prefix_cache(chunk_rows, n_blocks)
+        if layer is not None:
+            self._prepare_skip(layer, chunk_rows)
+
+    def _build_prefix_cache(self, chunk_rows: int, n_blocks: int) -> None:
+        """Encode every row's prefix once (no grad) into ``self.keys`` / ``self.values``."""
+        model, sites, rows, pad, kwarg = self.model, self.sites, self.rows, self.pad, self.cache_kwarg
         with torch.no_grad():
             for c0 in range(0, len(rows), chunk_rows):
                 chunk = rows[c0 : c0 + chunk_rows]
@@ -305,7 +362,7 @@ class _PrefixCachedForward:
                         ids[k, pw - r.subject_last :] = torch.tensor(r.ids[: r.subject_last])
                         mask[k, pw - r.subject_last :] = 1
                 pos = (mask.cumsum(1) - 1).clamp_min(0)
-                cache = DynamicCache()
+                cache = self._cache_cls()
                 with trace(model, [sites.final_norm], stop=True):
                     model(
                         input_ids=ids.to(self.device),
@@ -329,11 +386,63 @@ class _PrefixCachedForward:
                     ks[c0 : c0 + len(chunk), :, self.width - pw :] = torch.where(valid.to(k.device), k, 0)
                     vs[c0 : c0 + len(chunk), :, self.width - pw :] = torch.where(valid.to(v.device), v, 0)
 
+    def _prepare_skip(self, layer: int, chunk_rows: int) -> None:
+        """Block ``layer``'s output at every row's suffix (``(n_rows, S, d_model)``, right-padded), then
+        the self-check; sets ``self.layer`` when the skip is valid, else ``self.skip_reason``."""
+        blocks = get_module(self.model, get_arch(self.model).blocks)
+        if not isinstance(blocks, nn.ModuleList):
+            self.skip_reason = "the blocks are not a ModuleList"
+            return
+        width = max(len(r.ids) - r.subject_last for r in self.rows)
+        parts: list[torch.Tensor] = []
+        with torch.no_grad():
+            for c0 in range(0, len(self.rows), chunk_rows):
+                idx = list(range(c0, min(len(self.rows), c0 + chunk_rows)))
+                zero = torch.zeros(len(idx), self._d_model(), device=self.device)
+                block = self._forward(idx, zero).block
+                parts.append(F.pad(block, (0, 0, 0, width - block.shape[1])))
+        self.suffix_out = torch.cat(parts, 0)
+        self.blocks = blocks
+        # self-check on a few rows with a random delta
+        idx = list(range(min(len(self.rows), 4)))
+        g = torch.Generator(device="cpu").manual_seed(0)
+        scale = float(self.suffix_out[:, 0].float().norm(dim=-1).mean()) * 0.5 + 1e-3
+        vec = (torch.randn(len(idx), self._d_model(), generator=g) * scale / self._d_model() ** 0.5).to(
+            self.device
+        )
+        with torch.no_grad():
+            ref = self._forward(idx, vec)
+            self.layer = layer
+            try:
+                got = self._forward(idx, vec)
+            except Exception as exc:  # noqa: BLE001 -- any failure of the stubs disables the skip
+                self.layer, self.skip_reason = None, f"{type(exc).__name__}: {exc}"
+                return
+        lens = [len(self.rows[k].ids) - self.rows[k].subject_last for k in idx]
+        err = max(
+            float((got.hidden[k, :n] - ref.hidden[k, :n]).norm() / ref.hidden[k, :n].norm().clamp_min(1e-30))
+            for k, n in enumerate(lens)
+        )
+        if not err < 1e-4:
+            self.layer, self.skip_reason = None, f"self-check failed (relative difference {err:.2e})"
+
+    def _d_model(self) -> int:
+        cfg = self.model.config
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        return int(text.hidden_size)
+
     def nbytes(self) -> int:
         """Memory held by the prefix cache."""
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
+    def suffix_nbytes(self) -> int:
+        """Memory held by the cached suffix block outputs (layer skip)."""
+        return 0 if self.suffix_out is None else self.suffix_out.numel() * self.suffix_out.element_size()
+
     def __call__(self, idx: Sequence[int], vec: torch.Tensor) -> _ChunkOutput:
+        return self._forward(idx, vec)
+
+    def _forward(self, idx: Sequence[int], vec: torch.Tensor) -> _ChunkOutput:
         rows = [self.rows[k] for k in idx]
         n = len(rows)
         plen = [r.subject_last for r in rows]
@@ -357,9 +466,22 @@ class _PrefixCachedForward:
                 )
             inputs.update(attention_mask=torch.cat([pmask, smask], 1).to(self.device), use_cache=True)
             inputs[self.cache_kwarg] = cache
-        cols = torch.zeros(n, dtype=torch.long)
-        hidden, block = _run_chunk(self.model, self.sites, vec, cols, **inputs)
-        return _ChunkOutput(hidden, block, plen)
+        if self.layer is None:
+            cols = torch.zeros(n, dtype=torch.long)
+            hidden, block = _run_chunk(self.model, self.sites, vec, cols, **inputs)
+            return _ChunkOutput(hidden, block, plen)
+        assert self.suffix_out is not None
+        cached = self.suffix_out[torch.tensor(list(idx), device=self.suffix_out.device), : ids.shape[1]]
+        first = cached[:, :1] + vec.to(device=cached.device, dtype=cached.dtype)[:, None]
+        out = torch.cat([first, cached[:, 1:]], 1)  # block `layer`'s output with the delta: (n, S, d_model)
+        stubs = [_SkippedBlock(self.blocks[j]) for j in range(self.layer)]
+        stubs.append(_SkippedBlock(self.blocks[self.layer], out))
+        with (
+            _blocks_replaced(self.blocks, stubs),
+            trace(self.model, [self.sites.final_norm], capture_output=True, detach=False, stop=True) as tr,
+        ):
+            self.model(**inputs)
+        return _ChunkOutput(tr[self.sites.final_norm].output, out.detach(), plen)
 
 
 _warned_fallback: set[str] = set()
@@ -376,11 +498,22 @@ def _make_forward(
     if reason is None:
         t0 = time.perf_counter()
         try:
-            fwd = _PrefixCachedForward(model, sites, rows, pad, cfg.chunk_rows)
+            fwd = _PrefixCachedForward(
+                model, sites, rows, pad, cfg.chunk_rows, layer=sites.layer if cfg.skip_layers else None
+            )
         except (TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError, IndexError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
         else:
-            info = {"fast": True, "prefix_seconds": time.perf_counter() - t0, "prefix_bytes": fwd.nbytes()}
+            info = {
+                "fast": True,
+                "prefix_seconds": time.perf_counter() - t0,
+                "prefix_bytes": fwd.nbytes(),
+                "suffix_bytes": fwd.suffix_nbytes(),
+                "skip_layers": fwd.layer is not None,
+                "skip_reason": fwd.skip_reason,
+            }
+            if cfg.skip_layers and fwd.layer is None:
+                log.debug("compute_targets: layer skip off (%s)", fwd.skip_reason)
             return fwd, info
     model_type = str(getattr(model.config, "model_type", type(model).__name__))
     if model_type not in _warned_fallback:
@@ -484,6 +617,7 @@ def compute_targets(
         inject=f"{arch.blocks}.{layer}.{arch.mlp_out}",
         read=f"{arch.blocks}.{layer}",
         final_norm=arch.final_norm,
+        layer=layer,
     )
     # delta and h0 live on the input device; with a model spread over devices (device_map) the injection,
     # the block read and the LM head may each be on another one: tensors are moved where they are used
