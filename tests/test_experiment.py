@@ -81,6 +81,29 @@ def test_report_table_and_figure(finished: Path, tmp_path: Path) -> None:
 def test_report_of_unfinished_run_is_clear(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="results.json"):
         load_results(tmp_path)
+    with pytest.raises(FileNotFoundError, match="results.json"):
+        load_results(tmp_path, partial=True)  # not a run folder at all
+
+
+def test_report_of_a_run_in_progress(finished: Path, tmp_path: Path) -> None:
+    """--partial reports a run without results.json up to its last checkpoint, with every figure."""
+    import shutil
+
+    run = tmp_path / "in-progress"
+    shutil.copytree(finished, run, ignore=shutil.ignore_patterns("editor"))
+    (run / "results.json").unlink()
+    with pytest.raises(FileNotFoundError):
+        load_results(run)
+    res = load_results(run, partial=True)
+    assert res["partial"] and res["edits"] == 3 and res["edits_applied"] == 6
+    assert res["command"].startswith("rlsedit run")  # from invocations.json
+    assert res["post"] == json.loads((finished / "checkpoints" / "000003.json").read_text())["summary"]
+    assert cli.main(["report", str(finished), str(run), "--out", str(tmp_path / "rep"), "--partial"]) == 0
+    text = (tmp_path / "rep" / "REPORT.md").read_text()
+    assert "3 (in progress: 6 of 6 applied)" in text
+    for fig in ("metrics", "objective", "stream"):
+        assert (tmp_path / "rep" / f"{fig}.png").stat().st_size > 0, fig
+    assert not (tmp_path / "rep" / "retention.png").exists()  # no retention slice below 3 edits here
 
 
 def test_bad_spec_values() -> None:
@@ -298,5 +321,7 @@ def test_sampled_checkpoints_and_shared_pre_cache(finished: Path, model_dir: Pat
     b = run_experiment(memit, tmp_path / "b", stats_dir=stats, pre_cache=cache)
     assert files[0].stat().st_mtime_ns == stamp
     assert b["pre"] == a["pre"]
+    write_report([tmp_path / "a", tmp_path / "b"], tmp_path / "rep")
+    assert (tmp_path / "rep" / "retention.png").stat().st_size > 0
     with pytest.raises(ValueError, match="checkpoint_cases"):
         ExperimentSpec(checkpoint_cases=-1)

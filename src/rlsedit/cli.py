@@ -455,7 +455,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from rlsedit.report import write_report
 
     keys = [k for k in (args.columns or "").split(",") if k]
-    path = write_report(args.runs, args.out, label_keys=keys, plots=not args.no_plots)
+    path = write_report(args.runs, args.out, label_keys=keys, plots=not args.no_plots, partial=args.partial)
     _out(path.read_text(encoding="utf-8"))
     return 0
 
@@ -584,9 +584,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="side-by-side table and curves of experiment folders")
     rp.add_argument("runs", nargs="+", help="experiment folders written by `rlsedit run`")
-    rp.add_argument("--out", required=True, help="folder for REPORT.md and metrics.png")
+    rp.add_argument("--out", required=True, help="folder for REPORT.md and the figures (PNG)")
     rp.add_argument("--columns", default="", help="config keys shown as columns, e.g. mu,layers")
     rp.add_argument("--no-plots", action="store_true")
+    rp.add_argument(
+        "--partial", action="store_true", help="include runs still in progress (up to their last checkpoint)"
+    )
     rp.set_defaults(func=cmd_report)
 
     m = sub.add_parser("methods", help="list the registered editors")

@@ -354,6 +354,9 @@ def run_experiment(
             raise ValueError(f"{out} holds a different experiment ({old}); use a new folder")
     else:
         save_json(spec_path, spec.to_dict())
+    if command is not None:  # every invocation of the folder (a run in progress has no results.json yet)
+        inv_path = out / "invocations.json"
+        save_json(inv_path, [*(load_json(inv_path) if inv_path.exists() else []), command])
     cases = _cases(spec)
     superseded = set(superseded_cases(cases))
     t_load = time.perf_counter()

@@ -16,14 +16,51 @@ log = logging.getLogger(__name__)
 _METRICS = ("efficacy", "generalization", "specificity")
 
 
-def load_results(run: str | Path) -> dict[str, Any]:
-    """``results.json`` of an experiment folder (clear error when the run has not finished)."""
-    path = Path(run) / "results.json"
-    if not path.exists():
+def load_results(run: str | Path, partial: bool = False) -> dict[str, Any]:
+    """``results.json`` of an experiment folder.
+
+    A run that has not finished has none: that is an error, unless ``partial``, in which case what the
+    folder holds so far is assembled (spec, batch reports, checkpoints, capability checkpoints, pre-edit
+    scores if computed) with ``"partial": True``, ``"edits"`` = the last checkpoint's edits (its summary
+    is ``"post"``) and ``"edits_applied"`` = the edits applied so far.
+    """
+    run = Path(run)
+    path = run / "results.json"
+    if path.exists():
+        res = load_json(path)
+        res["_dir"] = str(run)
+        return res
+    if not partial or not (run / "spec.json").exists():
         raise FileNotFoundError(f"{run}: no results.json (has `rlsedit run` finished there?)")
-    res = load_json(path)
-    res["_dir"] = str(run)
-    return res
+    spec = load_json(run / "spec.json")
+    batches = load_json(run / "batches.json") if (run / "batches.json").exists() else []
+    cks = [load_json(p) for p in sorted((run / "checkpoints").glob("*.json"))]
+    cap_dir = run / "capability"
+    capability = None
+    if (cap_dir / "pre.json").exists():
+        capability = {
+            "pre": load_json(cap_dir / "pre.json"),
+            "checkpoints": [load_json(p) for p in sorted(cap_dir.glob("[0-9]*.json"))],
+        }
+    pre = load_json(run / "pre.json")["summary"] if (run / "pre.json").exists() else {}
+    gen_pre = run / "generation" / "pre.json"
+    if pre and gen_pre.exists():
+        pre = {**pre, **load_json(gen_pre)["summary"]}
+    invocations = load_json(run / "invocations.json") if (run / "invocations.json").exists() else []
+    return {
+        "spec": spec,
+        "command": invocations[0] if invocations else None,
+        "config": {},
+        "edits": cks[-1]["edits"] if cks else 0,
+        "edits_applied": batches[-1]["edits_after"] if batches else 0,
+        "pre": pre,
+        "post": cks[-1]["summary"] if cks else {},
+        "checkpoints": cks,
+        "capability": capability,
+        "batches": batches,
+        "partial": True,
+        "_dir": str(run),
+    }
 
 
 def _cell(v: Any, digits: int = 1) -> str:
@@ -46,17 +83,28 @@ def results_table(results: Sequence[dict[str, Any]], label_keys: Sequence[str] =
 
     ``label_keys``: config keys shown as extra columns (e.g. ``mu``, ``layers``).
     """
-    head = ["run", "method", "edits", *label_keys, *_METRICS, "s/edit", "targets", "keys", "update"]
+    head = [
+        "run",
+        "method",
+        "edits",
+        *label_keys,
+        *_METRICS,
+        "fluency",
+        "s/edit",
+        "targets",
+        "keys",
+        "update",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     seen_pre: set[str] = set()
     for r in results:
         spec = r["spec"]
         pre_key = f"{spec['model']}:{spec['split']}:{spec['offset']}:{r['edits']}"
-        if pre_key not in seen_pre:
+        if pre_key not in seen_pre and r.get("pre"):
             seen_pre.add(pre_key)
             pre = r["pre"]
             row = ["unedited", "-", str(r["edits"]), *["" for _ in label_keys]]
-            row += [_cell(pre.get(m)) for m in _METRICS] + ["-", "-", "-", "-"]
+            row += [_cell(pre.get(m)) for m in (*_METRICS, "fluency")] + ["-", "-", "-", "-"]
             lines.append("| " + " | ".join(row) + " |")
     for r in results:
         post = r["post"]
@@ -66,14 +114,17 @@ def results_table(results: Sequence[dict[str, Any]], label_keys: Sequence[str] =
         for k in label_keys:
             v = cfg.get(k, cfg.get("targets", {}).get(k))
             labels.append("-" if v is None else str(v).replace(" ", ""))
-        row = [Path(r["_dir"]).name, r["spec"]["method"], str(r["edits"]), *labels]
-        row += [_cell(post.get(m)) for m in _METRICS]
+        edits = str(r["edits"])
+        if r.get("partial"):
+            edits += f" (in progress: {r['edits_applied']} of {r['spec']['edits']} applied)"
+        row = [Path(r["_dir"]).name, r["spec"]["method"], edits, *labels]
+        row += [_cell(post.get(m)) for m in (*_METRICS, "fluency")]
         row += [_cell(per.get(k), 2) for k in ("total", "targets", "keys", "update")]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -81,41 +132,178 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover - optional dependency
         log.warning("matplotlib is not installed (pip install 'rlsedit[plots]'); no figures written")
-        return []
-    written = []
-    fig, axes = plt.subplots(1, len(_METRICS), figsize=(4 * len(_METRICS), 3.2), squeeze=False)
-    any_curve = False
-    for r in results:
-        pts = [(c["edits"], c["summary"]) for c in r.get("checkpoints", [])]
-        pts.append((r["edits"], r["post"]))
-        pts.sort(key=lambda p: p[0])
-        label = f"{Path(r['_dir']).name} ({r['spec']['method']})"
-        for ax, m in zip(axes[0], _METRICS, strict=True):
-            xs = [p[0] for p in pts if p[1].get(m) is not None]
-            ys = [p[1][m] for p in pts if p[1].get(m) is not None]
-            if xs:
-                any_curve = True
-                ax.plot(xs, ys, marker="o", label=label)
-    for ax, m in zip(axes[0], _METRICS, strict=True):
-        ax.set_title(m)
-        ax.set_xlabel("edits")
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-    if any_curve:
-        axes[0][-1].legend(fontsize=7)
-        path = out / "metrics.png"
+        return None
+    return plt
+
+
+def _label(r: dict[str, Any]) -> str:
+    return f"{Path(r['_dir']).name} ({r['spec']['method']})"
+
+
+def _save(plt: Any, fig: Any, path: Path, drawn: bool, written: list[Path]) -> None:
+    if drawn:
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         written.append(path)
     plt.close(fig)
+
+
+def _metric_points(r: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    pts = [(c["edits"], c["summary"]) for c in r.get("checkpoints", [])]
+    if not r.get("partial"):
+        pts.append((r["edits"], r["post"]))
+    if r.get("pre"):
+        pts.append((0, r["pre"]))
+    return sorted({e: v for e, v in pts}.items())
+
+
+def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+    """metrics.png (+ retention.png, capability.png, objective.png, stream.png where the runs have the
+    data); returns the files written."""
+    plt = _pyplot()
+    if plt is None:
+        return []
+    written: list[Path] = []
+    # 1. efficacy / generalization / specificity over the stream (0 = the unedited model)
+    fig, axes = plt.subplots(1, len(_METRICS), figsize=(4 * len(_METRICS), 3.2), squeeze=False)
+    drawn = False
+    for r in results:
+        pts = _metric_points(r)
+        for ax, m in zip(axes[0], _METRICS, strict=True):
+            xy = [(e, v[m]) for e, v in pts if v.get(m) is not None]
+            if xy:
+                drawn = True
+                ax.plot(*zip(*xy, strict=True), marker="o", label=_label(r))
+    for ax, m in zip(axes[0], _METRICS, strict=True):
+        ax.set(title=m, xlabel="edits", ylim=(0, 100))
+        ax.grid(alpha=0.3)
+    if drawn:
+        axes[0][-1].legend(fontsize=7)
+    _save(plt, fig, out / "metrics.png", drawn, written)
+    # 2. retention: the earliest edits re-scored at each checkpoint
+    fig, axes = plt.subplots(1, len(_METRICS), figsize=(4 * len(_METRICS), 3.2), squeeze=False)
+    drawn = False
+    for r in results:
+        sizes = sorted({int(k) for c in r.get("checkpoints", []) for k in c.get("retention", {})})
+        for size in sizes:
+            for ax, m in zip(axes[0], _METRICS, strict=True):
+                xy = [
+                    (c["edits"], c["retention"][str(size)][m])
+                    for c in r.get("checkpoints", [])
+                    if str(size) in c.get("retention", {}) and c["retention"][str(size)].get(m) is not None
+                ]
+                if xy:
+                    drawn = True
+                    ax.plot(*zip(*xy, strict=True), marker="o", label=f"{_label(r)}: first {size}")
+    for ax, m in zip(axes[0], _METRICS, strict=True):
+        ax.set(title=f"{m} of the earliest edits", xlabel="edits applied", ylim=(0, 100))
+        ax.grid(alpha=0.3)
+    if drawn:
+        axes[0][-1].legend(fontsize=6)
+    _save(plt, fig, out / "retention.png", drawn, written)
+    # 3. general capability over the stream
+    tasks = sorted(
+        {
+            k
+            for r in results
+            for c in _capability_points(r)
+            for k, v in c[1].items()
+            if isinstance(v, dict) and "accuracy" in v
+        }
+    )
+    panels = ["perplexity", *tasks]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0), squeeze=False)
+    drawn = False
+    for r in results:
+        pts = _capability_points(r)
+        for ax, name in zip(axes[0], panels, strict=True):
+            if name == "perplexity":
+                xy = [(e, c["perplexity"]["perplexity"]) for e, c in pts if "perplexity" in c]
+            else:
+                xy = [(e, c[name]["accuracy"]) for e, c in pts if name in c]
+            if xy:
+                drawn = True
+                ax.plot(*zip(*xy, strict=True), marker="o", label=_label(r))
+                chance = next((c[name].get("chance") for _, c in pts if name in c), None)
+                if name != "perplexity" and chance is not None:
+                    ax.axhline(chance, color="grey", lw=0.8, ls=":")
+    for ax, name in zip(axes[0], panels, strict=True):
+        ax.set(title=name + ("" if name == "perplexity" else " accuracy %"), xlabel="edits")
+        ax.grid(alpha=0.3)
+    if drawn:
+        axes[0][0].legend(fontsize=6)
+    _save(plt, fig, out / "capability.png", drawn, written)
+    # 4. the objective's terms per layer over the stream (RLSEdit runs)
+    terms = ("fit_batch", "fit_total", "dist_w0", "anchor")
+    fig, axes = plt.subplots(1, len(terms), figsize=(4 * len(terms), 3.2), squeeze=False)
+    drawn = False
+    for r in results:
+        rows = [(b["edits_after"], b["objective"]) for b in r.get("batches", []) if b.get("objective")]
+        layers = sorted({int(k) for _, o in rows for k in o}, key=int)
+        for layer in layers:
+            for ax, t in zip(axes[0], terms, strict=True):
+                xy = [
+                    (e, o[str(layer)][t])
+                    for e, o in rows
+                    if str(layer) in o and o[str(layer)].get(t) is not None
+                ]
+                if xy:
+                    drawn = True
+                    ax.plot(*zip(*xy, strict=True), label=f"{_label(r)}: layer {layer}")
+    for ax, t in zip(axes[0], terms, strict=True):
+        ax.set(title=t, xlabel="edits", yscale="log")
+        ax.grid(alpha=0.3)
+    if drawn:
+        axes[0][-1].legend(fontsize=6)
+    _save(plt, fig, out / "objective.png", drawn, written)
+    # 5. seconds per edit and memory per batch over the stream
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), squeeze=False)
+    drawn = False
+    for r in results:
+        bs = [b for b in r.get("batches", []) if b.get("n_requests")]
+        xy = [
+            (b["edits_after"], b["timings"]["total"] / b["n_requests"])
+            for b in bs
+            if "total" in b.get("timings", {})
+        ]
+        if xy:
+            drawn = True
+            axes[0][0].plot(*zip(*xy, strict=True), marker=".", label=_label(r))
+        xy = [(b["edits_after"], b["memory"]["rss_bytes"] / 2**30) for b in bs if b.get("memory")]
+        if xy:
+            drawn = True
+            axes[0][1].plot(*zip(*xy, strict=True), marker=".", label=_label(r))
+    axes[0][0].set(title="seconds per edit (each batch)", xlabel="edits")
+    axes[0][1].set(title="resident memory after each batch (GiB)", xlabel="edits")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+    if drawn:
+        axes[0][0].legend(fontsize=6)
+    _save(plt, fig, out / "stream.png", drawn, written)
     return written
 
 
+def _capability_points(r: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    cap = r.get("capability") or {}
+    pts = []
+    if cap.get("pre"):
+        pts.append((0, cap["pre"]))
+    pts += [(c["edits"], c) for c in cap.get("checkpoints", [])]
+    if cap.get("post"):
+        pts.append((cap["post"]["edits"], cap["post"]))
+    return sorted({e: c for e, c in pts}.items())
+
+
 def write_report(
-    runs: Sequence[str | Path], out: str | Path, label_keys: Sequence[str] = (), plots: bool = True
+    runs: Sequence[str | Path],
+    out: str | Path,
+    label_keys: Sequence[str] = (),
+    plots: bool = True,
+    partial: bool = False,
 ) -> Path:
-    """Write ``out/REPORT.md`` (table + commands) and ``out/metrics.png``; return the Markdown path."""
-    results = [load_results(r) for r in runs]
+    """Write ``out/REPORT.md`` (table + commands) and the figures (see :func:`_plot`); return the Markdown
+    path. ``partial``: include runs still in progress (up to their last checkpoint)."""
+    results = [load_results(r, partial=partial) for r in runs]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures = _plot(results, out) if plots else []
