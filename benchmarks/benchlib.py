@@ -85,6 +85,8 @@ class Section:
         notes: how it was measured (formulas, what is included in each timing, caveats).
         data: raw numbers (JSON-serialisable) for the JSON report.
         seconds: wall time of the whole benchmark.
+        measured: when and where it ran (date, git revision, load average at its start), shown with the
+            section: a report updated with ``--update`` holds sections of different runs.
     """
 
     name: str
@@ -95,6 +97,7 @@ class Section:
     notes: list[str] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    measured: dict[str, str] = field(default_factory=dict)
 
     def to_markdown(self) -> str:
         """The section as Markdown: heading, command, summary, tables, notes."""
@@ -105,11 +108,13 @@ class Section:
             parts += [table.to_markdown(), ""]
         if self.notes:
             parts += ["Notes:", "", *(f"- {n}" for n in self.notes), ""]
-        parts += [f"(benchmark wall time {self.seconds:.1f} s)", ""]
+        when = ", ".join(f"{k} {v}" for k, v in self.measured.items())
+        parts += [f"(benchmark wall time {self.seconds:.1f} s" + (f"; {when})" if when else ")"), ""]
         return "\n".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        """Everything but the tables (their numbers are in ``data``)."""
+        """Everything, the tables as ``{"headers", "rows", "caption"}`` (their raw numbers are in
+        ``data``)."""
         return {
             "name": self.name,
             "title": self.title,
@@ -117,8 +122,25 @@ class Section:
             "summary": self.summary,
             "notes": self.notes,
             "seconds": self.seconds,
+            "measured": self.measured,
+            "tables": [{"headers": t.headers, "rows": t.rows, "caption": t.caption} for t in self.tables],
             "data": self.data,
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Section:
+        """The inverse of :meth:`to_dict` (a section kept by ``--update``)."""
+        return cls(
+            name=d["name"],
+            title=d["title"],
+            command=d.get("command", ""),
+            summary=list(d.get("summary", [])),
+            tables=[Table(t["headers"], t["rows"], t.get("caption", "")) for t in d.get("tables", [])],
+            notes=list(d.get("notes", [])),
+            data=d.get("data", {}),
+            seconds=float(d.get("seconds", 0.0)),
+            measured=dict(d.get("measured", {})),
+        )
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -102,6 +102,19 @@ def test_cli_writes_markdown_and_json(tmp_path: Path, monkeypatch: pytest.Monkey
     assert len(history[0]["batches"]) == 12 and history[0]["window"] == 1
     resolve = data["sections"][1]["data"]["runs"]
     assert all(r["agreement"] < 1e-8 for r in resolve)
+    # --update re-measures one section and keeps the other (tables included), in the suite's order
+    kept_md = md[md.index("## RLSEdit update time vs") : md.index("## RLSEdit update vs full re-solve")]
+    assert bench_run.main(["--quick", "--only", "update_vs_resolve", "--update", "--out", str(out)]) == 0
+    md2 = out.read_text(encoding="utf-8")
+    assert kept_md in md2 and "kept from an earlier run" in md2
+    assert md2.index("## RLSEdit update time vs") < md2.index("## RLSEdit update vs full re-solve")
+    data2 = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
+    assert [s["name"] for s in data2["sections"]] == ["update_vs_history", "update_vs_resolve"]
+    assert data2["sections"][0] == data["sections"][0]
+    assert set(data2["sections"][1]["measured"]) == {"measured", "at revision", "load average"}
+    # without --update the file holds only what this run measured
+    assert bench_run.main(["--quick", "--only", "update_vs_resolve", "--out", str(out)]) == 0
+    assert "## RLSEdit update time vs" not in out.read_text(encoding="utf-8")
 
 
 def test_cli_rejects_unknown_benchmark(tmp_path: Path) -> None:
