@@ -641,7 +641,11 @@ def compute_targets(
     nll_init = torch.full((u,), float("nan"))
     nll_last = torch.full((u,), float("nan"))
     steps_taken = torch.zeros(u, dtype=torch.long)
-    active = list(range(u))
+    # Requests are chunked in order of their suffix length (tokens from the subject's last one on, the
+    # same in every context), so that a chunk's rows pad to similar lengths: on CounterFact this raises
+    # the share of real tokens among those computed from ~66% to ~95%. The order changes nothing else.
+    suffix = [len(rows[0].ids) - rows[0].subject_last for rows in per_req]
+    active = sorted(range(u), key=lambda i: suffix[i])
 
     with frozen_params(model):
         forward, info = _make_forward(model, sites, all_rows, pad, cfg)
