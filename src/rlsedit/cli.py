@@ -400,7 +400,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if per:
         _out(
             "seconds per edit: "
-            + ", ".join(f"{k} {per[k]:.2f}" for k in ("targets", "keys", "update", "total") if k in per)
+            + ", ".join(
+                f"{k} {per[k]:.2f}" for k in ("targets", "finetune", "keys", "update", "total") if k in per
+            )
         )
     _out(f"results: {Path(args.out) / 'results.json'}")
     return 0

@@ -14,6 +14,8 @@ __all__ = ["load_results", "results_table", "write_report"]
 log = logging.getLogger(__name__)
 
 _METRICS = ("efficacy", "generalization", "specificity")
+#: Timing columns (seconds per edit): the total, then its parts (FT's fine-tuning loop is ``finetune``).
+_TIMES = ("total", "targets", "keys", "update", "finetune")
 
 
 def load_results(run: str | Path, partial: bool = False) -> dict[str, Any]:
@@ -91,9 +93,7 @@ def results_table(results: Sequence[dict[str, Any]], label_keys: Sequence[str] =
         *_METRICS,
         "fluency",
         "s/edit",
-        "targets",
-        "keys",
-        "update",
+        *_TIMES[1:],
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     seen_pre: set[str] = set()
@@ -104,7 +104,7 @@ def results_table(results: Sequence[dict[str, Any]], label_keys: Sequence[str] =
             seen_pre.add(pre_key)
             pre = r["pre"]
             row = ["unedited", "-", str(r["edits"]), *["" for _ in label_keys]]
-            row += [_cell(pre.get(m)) for m in (*_METRICS, "fluency")] + ["-", "-", "-", "-"]
+            row += [_cell(pre.get(m)) for m in (*_METRICS, "fluency")] + ["-"] * len(_TIMES)
             lines.append("| " + " | ".join(row) + " |")
     for r in results:
         post = r["post"]
@@ -119,7 +119,7 @@ def results_table(results: Sequence[dict[str, Any]], label_keys: Sequence[str] =
             edits += f" (in progress: {r['edits_applied']} of {r['spec']['edits']} applied)"
         row = [Path(r["_dir"]).name, r["spec"]["method"], edits, *labels]
         row += [_cell(post.get(m)) for m in (*_METRICS, "fluency")]
-        row += [_cell(per.get(k), 2) for k in ("total", "targets", "keys", "update")]
+        row += [_cell(per.get(k), 2) for k in _TIMES]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
