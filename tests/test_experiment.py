@@ -321,6 +321,20 @@ def test_sampled_checkpoints_and_shared_pre_cache(finished: Path, model_dir: Pat
     b = run_experiment(memit, tmp_path / "b", stats_dir=stats, pre_cache=cache)
     assert files[0].stat().st_mtime_ns == stamp
     assert b["pre"] == a["pre"]
+    # experiments/prescore.py reads the same cache (nothing re-scored) and summarises slices of it
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "prescore.py"
+    mod_spec = importlib.util.spec_from_file_location("prescore", path)
+    prescore = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(prescore)
+    argv = ["--model", str(model_dir), "--split", "tune", "--edits", "6", "--slices", "3,6"]
+    assert prescore.main([*argv, "--pre-cache", str(cache), "--out", str(tmp_path / "pre.json")]) == 0
+    assert files[0].stat().st_mtime_ns == stamp
+    sliced = json.loads((tmp_path / "pre.json").read_text())["slices"]
+    assert sliced["3"]["n"] == 3
+    for m in ("efficacy", "generalization", "specificity"):
+        assert sliced["6"][m] == a["pre"][m]
     write_report([tmp_path / "a", tmp_path / "b"], tmp_path / "rep")
     assert (tmp_path / "rep" / "retention.png").stat().st_size > 0
     with pytest.raises(ValueError, match="checkpoint_cases"):

@@ -41,7 +41,14 @@ from rlsedit.eval.zsre import score_zsre, summarize_zsre
 from rlsedit.memory import max_rss_bytes, rss_bytes
 from rlsedit.store import RunStore, atomic_write_bytes, load_json, save_json
 
-__all__ = ["DATASETS", "ExperimentSpec", "evaluate_run", "run_experiment"]
+__all__ = [
+    "DATASETS",
+    "ExperimentSpec",
+    "evaluate_run",
+    "run_experiment",
+    "summarize_cases",
+    "unedited_records",
+]
 
 #: Datasets an experiment can stream.
 DATASETS = ("counterfact", "zsre")
@@ -163,7 +170,7 @@ def _spread_indices(n: int, k: int) -> list[int]:
 PRE_CACHE_FORMAT = 1
 
 
-def _pre_records(
+def unedited_records(
     model, tok, cases: list[Case], dataset: str, cache_dir: str | Path | None
 ) -> list[dict[str, Any]]:
     """Per-case records of the unedited ``model`` on ``cases``, in order; with ``cache_dir``, records of
@@ -226,6 +233,12 @@ def _once(path: Path, compute: Any, key: dict[str, Any] | None = None) -> dict[s
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     data = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
     atomic_write_bytes(path, data.encode())
+
+
+def summarize_cases(dataset: str, records: list[dict[str, Any]], exclude: Any = ()) -> dict[str, Any]:
+    """The dataset's summary (means, accuracies, intervals, ``n``) of per-case records, the cases in
+    ``exclude`` (e.g. superseded ones) left out."""
+    return _summarize(dataset, records, exclude)
 
 
 def _summarize(dataset: str, records: list[dict[str, Any]], exclude: Any = ()) -> dict[str, Any]:
@@ -459,7 +472,7 @@ def run_experiment(
         log.info("scoring the unedited model on %d cases (a fresh copy of it)", len(cases))
         model0, tok0 = load_model(spec.model, device=device, dtype=dtype)
         t0 = time.perf_counter()
-        recs = _pre_records(model0, tok0, cases, spec.dataset, pre_cache)
+        recs = unedited_records(model0, tok0, cases, spec.dataset, pre_cache)
         pre = _scored(spec.dataset, recs, superseded, time.perf_counter() - t0)
         save_json(pre_path, pre)
         del model0
