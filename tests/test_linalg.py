@@ -232,6 +232,22 @@ def test_rls_step_inplace_equals_out_of_place(monkeypatch: pytest.MonkeyPatch) -
     assert torch.equal(C_bad, before)
 
 
+def test_rls_step_result_is_row_major_and_layout_independent() -> None:
+    """A column-major C (as LAPACK's inverse returns) gives bitwise what its row-major copy gives, and
+    C_next is row-major either way: a state saved and loaded (row-major) computes exactly as before."""
+    sigma, W0, keys, values, _ = make_problem(seed=7)
+    C = initial_inverse(sigma, LAM, MU)
+    assert C.is_contiguous()
+    K = keys(3)
+    V = values(K, W0)
+    col_major = C.T.contiguous().T  # same values, Fortran order
+    assert not col_major.is_contiguous() and torch.equal(col_major, C)
+    C1, W1 = rls_step(C, W0, K, V)
+    C2, W2 = rls_step(col_major, W0, K, V)
+    assert C1.is_contiguous() and C2.is_contiguous()
+    assert torch.equal(C1, C2) and torch.equal(W1, W2)
+
+
 def test_rls_step_float32_weights_with_float64_inverse():
     sigma, W0, keys, values, _ = make_problem()
     C = initial_inverse(sigma, LAM, MU)

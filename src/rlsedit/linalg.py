@@ -131,7 +131,8 @@ def _check_batch(C: Tensor, W: Tensor, K: Tensor, V: Tensor) -> tuple[int, int, 
 
 
 def _symmetrise(x: Tensor) -> Tensor:
-    return 0.5 * (x + x.mT)
+    """``(x + x^T) / 2``, row-major (contiguous) whatever ``x``'s layout."""
+    return (0.5 * (x + x.mT)).contiguous()
 
 
 def _cholesky_pd(M: Tensor, what: str) -> Tensor:
@@ -272,7 +273,10 @@ def rls_step(C: Tensor, W: Tensor, K: Tensor, V: Tensor, *, inplace: bool = Fals
     CK = torch.linalg.solve_triangular(R.mT, G, upper=False, left=False)  # G R^{-T} = C_next K
     innovation = V.to(dt) - Kc.mT @ Wc  # (u, d_v)
     W_next = W + (CK @ innovation).to(W.dtype)
-    C_next = _sym_rank_update(C, G, C if inplace else torch.empty_like(C))  # last: C is intact on failure
+    # last: C is intact on failure; a new C_next is row-major whatever C's layout (gemm kernels, hence the
+    # last bits of every later step, depend on it: a state must compute the same before and after a save)
+    out = C if inplace else torch.empty(C.shape, dtype=C.dtype, device=C.device)
+    C_next = _sym_rank_update(C, G, out)
     return C_next, W_next
 
 
@@ -380,7 +384,7 @@ def rls_retract(
             "(the batch dominates some directions of the objective, or was never applied)"
         )
     H = torch.linalg.solve_triangular(R, F, upper=True, left=False)  # F R^{-1}
-    C_without = _sym_rank_update(C, H, torch.empty_like(C), alpha=1.0)
+    C_without = _sym_rank_update(C, H, torch.empty(C.shape, dtype=C.dtype, device=C.device), alpha=1.0)
     CK = torch.linalg.solve_triangular(R.mT, H, upper=False, left=False)  # H R^{-T} = C' K
     residual = V.to(dt) - Kc.mT @ Wc
     W_without = W - (CK @ residual).to(W.dtype)

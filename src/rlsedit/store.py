@@ -239,7 +239,7 @@ def _parse_json(data: bytes, source: str) -> Any:
         text = data.decode("utf-8")
         return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise CorruptStateError(f"{source}: not valid JSON ({e})") from e
+        raise CorruptStateError(f"{source}: corrupt: not valid JSON ({e})") from e
 
 
 def save_json(path: str | os.PathLike[str], obj: Any) -> str:
@@ -425,8 +425,11 @@ def load_tensors(
     path = Path(path)
     tensors, _, _ = _decode_tensors(path, expected_sha256, verify, want_tensors=True)
     if torch.device(device).type != "cpu":
-        tensors = {k: v.to(device) for k, v in tensors.items()}
-    return tensors
+        return {k: v.to(device) for k, v in tensors.items()}
+    # Fresh allocations (64-byte aligned, like every tensor torch creates), not views into the file's
+    # bytes at whatever offset the header left: BLAS results depend in their last bits on the operands'
+    # alignment, and a state loaded from a file must compute exactly what it computed before saving.
+    return {k: v.clone() for k, v in tensors.items()}
 
 
 def load_tensors_metadata(
