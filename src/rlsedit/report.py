@@ -277,6 +277,7 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     axes[0][1].set(title="resident memory after each batch (GiB)", xlabel="edits")
     for ax in axes[0]:
         ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)
     if drawn:
         axes[0][0].legend(fontsize=6)
     _save(plt, fig, out / "stream.png", drawn, written)
