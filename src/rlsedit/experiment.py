@@ -177,11 +177,8 @@ def unedited_records(
     earlier runs on the same model (fingerprint) and dataset are reused and new ones appended there."""
     from rlsedit.models.load import model_fingerprint
 
-    def score(todo: list[Case]) -> list[dict[str, Any]]:
-        return score_zsre(model, tok, todo) if dataset == "zsre" else score_counterfact(model, tok, todo)
-
     if cache_dir is None:
-        return score(cases)
+        return _records(model, tok, cases, dataset)
     path = Path(cache_dir) / f"pre-{model_fingerprint(model)}-{dataset}-v{PRE_CACHE_FORMAT}.jsonl"
     known: dict[Any, dict[str, Any]] = {}
     if path.exists():
@@ -197,7 +194,7 @@ def unedited_records(
     if todo:
         path.parent.mkdir(parents=True, exist_ok=True)
         for start in range(0, len(todo), 500):  # appended in pieces: an interrupted scoring keeps its work
-            recs = score(todo[start : start + 500])
+            recs = _records(model, tok, todo[start : start + 500], dataset)
             with path.open("a", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
             known.update((r["case_id"], r) for r in recs)
@@ -245,10 +242,14 @@ def _summarize(dataset: str, records: list[dict[str, Any]], exclude: Any = ()) -
     return (summarize_zsre if dataset == "zsre" else summarize_counterfact)(records, exclude)
 
 
+def _records(model, tok, cases: list[Case], dataset: str) -> list[dict[str, Any]]:
+    """Per-case scores of ``model`` on ``cases`` (the dataset's scorer)."""
+    return score_zsre(model, tok, cases) if dataset == "zsre" else score_counterfact(model, tok, cases)
+
+
 def _score(model, tok, cases: list[Case], exclude: set, dataset: str = "counterfact") -> dict[str, Any]:
     t0 = time.perf_counter()
-    recs = score_zsre(model, tok, cases) if dataset == "zsre" else score_counterfact(model, tok, cases)
-    return _scored(dataset, recs, exclude, time.perf_counter() - t0)
+    return _scored(dataset, _records(model, tok, cases, dataset), exclude, time.perf_counter() - t0)
 
 
 def _scored(dataset: str, recs: list[dict[str, Any]], exclude: set, seconds: float) -> dict[str, Any]:
@@ -433,8 +434,9 @@ def run_experiment(
             # the model holds exactly the first `done` edits only right after this chunk's batch
             at_head = len(editor.batches) == k + 1
             if at_checkpoint and not ck.exists() and at_head:
-                save_json(ck, _checkpoint(model, tok, spec, cases[:done]))
-                log.info("checkpoint at %d edits: %s", done, _fmt(load_json(ck)["summary"]))
+                scores = _checkpoint(model, tok, spec, cases[:done])
+                save_json(ck, scores)
+                log.info("checkpoint at %d edits: %s", done, _fmt(scores["summary"]))
             cap_ck = out / "capability" / f"{done:06d}.json"
             if at_checkpoint and spec.capability is not None and not cap_ck.exists() and at_head:
                 log.info("general capability after %d edits", done)

@@ -391,6 +391,17 @@ def rls_retract(
     return C_without, W_without
 
 
+def _check_inverse_pair(C: Tensor, A: Tensor) -> torch.dtype:
+    """Validate ``C`` and ``A`` as same-shape square matrices on one device; return the float64-or-wider
+    dtype the drift is computed in."""
+    _check_square("C", C)
+    _check_square("A", A)
+    if C.shape != A.shape:
+        raise ValueError(f"C and A must have the same shape, got {tuple(C.shape)} and {tuple(A.shape)}")
+    _check_same_device(C=C, A=A)
+    return torch.promote_types(torch.promote_types(C.dtype, A.dtype), torch.float64)
+
+
 def drift(C: Tensor, A: Tensor) -> float:
     """Numerical drift of ``C`` as an inverse of ``A``: ``||A C - I||_F / sqrt(d)``.
 
@@ -405,12 +416,7 @@ def drift(C: Tensor, A: Tensor) -> float:
     Returns:
         The drift as a Python float (0 for an exact inverse).
     """
-    _check_square("C", C)
-    _check_square("A", A)
-    if C.shape != A.shape:
-        raise ValueError(f"C and A must have the same shape, got {tuple(C.shape)} and {tuple(A.shape)}")
-    _check_same_device(C=C, A=A)
-    dt = torch.promote_types(torch.promote_types(C.dtype, A.dtype), torch.float64)
+    dt = _check_inverse_pair(C, A)
     d = A.shape[0]
     R = A.to(dt) @ C.to(dt)
     R.diagonal().sub_(1.0)
@@ -433,14 +439,9 @@ def drift_estimate(C: Tensor, A: Tensor, probes: int = 32, seed: int = 0) -> flo
     Returns:
         The estimated drift as a Python float.
     """
-    _check_square("C", C)
-    _check_square("A", A)
-    if C.shape != A.shape:
-        raise ValueError(f"C and A must have the same shape, got {tuple(C.shape)} and {tuple(A.shape)}")
+    dt = _check_inverse_pair(C, A)
     if probes < 1:
         raise ValueError(f"probes must be >= 1, got {probes}")
-    _check_same_device(C=C, A=A)
-    dt = torch.promote_types(torch.promote_types(C.dtype, A.dtype), torch.float64)
     d = A.shape[0]
     g = torch.Generator(device="cpu").manual_seed(seed)
     X = torch.randn(d, probes, generator=g, dtype=dt).to(A.device)

@@ -267,6 +267,13 @@ def _cache_layers(cache: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return list(zip(cache.key_cache, cache.value_cache, strict=True))  # transformers 4.x
 
 
+def _d_model(model: nn.Module) -> int:
+    """The width of the residual stream (the text config's ``hidden_size``)."""
+    cfg = model.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return int(text.hidden_size)
+
+
 class _SkippedBlock(nn.Module):
     """Stands in for a block whose output at the suffix tokens is known: returns ``output`` (or, when it is
     None, its input unchanged) without computing anything. Copies the block's plain attributes (e.g.
@@ -398,8 +405,8 @@ class _PrefixCachedForward:
         with torch.no_grad():
             for c0 in range(0, len(self.rows), chunk_rows):
                 idx = list(range(c0, min(len(self.rows), c0 + chunk_rows)))
-                zero = torch.zeros(len(idx), self._d_model(), device=self.device)
-                block = self._forward(idx, zero).block
+                zero = torch.zeros(len(idx), _d_model(self.model), device=self.device)
+                block = self(idx, zero).block
                 parts.append(F.pad(block, (0, 0, 0, width - block.shape[1])))
         self.suffix_out = torch.cat(parts, 0)
         self.blocks = blocks
@@ -407,14 +414,14 @@ class _PrefixCachedForward:
         idx = list(range(min(len(self.rows), 4)))
         g = torch.Generator(device="cpu").manual_seed(0)
         scale = float(self.suffix_out[:, 0].float().norm(dim=-1).mean()) * 0.5 + 1e-3
-        vec = (torch.randn(len(idx), self._d_model(), generator=g) * scale / self._d_model() ** 0.5).to(
-            self.device
-        )
+        vec = (
+            torch.randn(len(idx), _d_model(self.model), generator=g) * scale / _d_model(self.model) ** 0.5
+        ).to(self.device)
         with torch.no_grad():
-            ref = self._forward(idx, vec)
+            ref = self(idx, vec)
             self.layer = layer
             try:
-                got = self._forward(idx, vec)
+                got = self(idx, vec)
             except Exception as exc:  # noqa: BLE001 -- any failure of the stubs disables the skip
                 self.layer, self.skip_reason = None, f"{type(exc).__name__}: {exc}"
                 return
@@ -426,11 +433,6 @@ class _PrefixCachedForward:
         if not err < 1e-4:
             self.layer, self.skip_reason = None, f"self-check failed (relative difference {err:.2e})"
 
-    def _d_model(self) -> int:
-        cfg = self.model.config
-        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-        return int(text.hidden_size)
-
     def nbytes(self) -> int:
         """Memory held by the prefix cache."""
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
@@ -440,9 +442,6 @@ class _PrefixCachedForward:
         return 0 if self.suffix_out is None else self.suffix_out.numel() * self.suffix_out.element_size()
 
     def __call__(self, idx: Sequence[int], vec: torch.Tensor) -> _ChunkOutput:
-        return self._forward(idx, vec)
-
-    def _forward(self, idx: Sequence[int], vec: torch.Tensor) -> _ChunkOutput:
         rows = [self.rows[k] for k in idx]
         n = len(rows)
         plen = [r.subject_last for r in rows]
@@ -632,8 +631,7 @@ def compute_targets(
     all_rows = [r for rows in per_req for r in rows]  # request i owns rows i*rows_per_req ... (i+1)*... - 1
     n_ctx = rows_per_req - 1
 
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    d_model = int(text_config.hidden_size)
+    d_model = _d_model(model)
     delta = torch.zeros(u, d_model, device=device, dtype=torch.float32, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
     h0 = torch.zeros(u, d_model, device=device)
