@@ -115,8 +115,13 @@ def bench_update_vs_history(
     dtype: torch.dtype = torch.float64,
     device: str = "cpu",
     seed: int = 0,
+    double_buffer: bool = True,
 ) -> dict[str, Any]:
     """Time :func:`rls_step` for ``n_batches`` consecutive batches of ``u`` synthetic edits.
+
+    With ``double_buffer`` (the editor's way) ``C_next`` is written into a spare matrix and the old ``C``
+    becomes the next spare, so no ``(d_k, d_k)`` matrix is allocated per batch; without it every call
+    allocates a fresh ``C_next`` (and pays its page faults: ~25% of a step at ``d_k = 14336``).
 
     Each batch is timed ``repeats`` times from the same state (``rls_step`` is pure) and the median kept;
     the state then advances with the last result. One untimed call precedes batch 1. The editor's
@@ -137,19 +142,25 @@ def bench_update_vs_history(
     W = prob.weights()
     C = prob.initial_inverse()
     A = prob.anchor()
+    # double buffering, as the editor does: C_next goes into the spare matrix, the old C becomes the spare
+    spare = torch.empty_like(C) if double_buffer else None
     rows: list[dict[str, Any]] = []
     for t in range(n_batches):
         K, V = prob.batch(t, W)
         if t == 0:
-            rls_step(C, W, K, V)  # warm-up (allocator, kernels); discarded
+            rls_step(C, W, K, V, out=spare)  # warm-up (allocator, kernels, the spare's pages); discarded
             sync(device)
         samples = []
         result = None
         for _ in range(repeats):
             result = None  # free the previous repeat's C before the next is computed (1.6 GiB at 14336)
-            seconds, result = timed(lambda C=C, W=W, K=K, V=V: rls_step(C, W, K, V), device)
+            seconds, result = timed(
+                lambda C=C, W=W, K=K, V=V, out=spare: rls_step(C, W, K, V, out=out), device
+            )
             samples.append(seconds)
         assert result is not None
+        if double_buffer:
+            spare = C
         C, W = result
         a_seconds, A = timed(lambda A=A, K=K: torch.addmm(A, K, K.mT), device)
         rows.append(
@@ -192,6 +203,7 @@ def bench_update_vs_history(
         "dtype": str(dtype).replace("torch.", ""),
         "device": device,
         "repeats": repeats,
+        "double_buffer": double_buffer,
         "batches": rows,
         "first_s": rows[0]["update_s"],
         "last_s": rows[-1]["update_s"],
@@ -220,8 +232,10 @@ def bench_update_vs_resolve(
 ) -> dict[str, Any]:
     """One batch of ``u`` edits on top of one earlier batch, three ways, timed side by side.
 
-    * ``rlsedit``: ``rls_step(C, W, K, V)`` -- the whole RLSEdit update (next ``C`` and ``W``).
-    * ``resolve``: ``A_t = A_{t-1} + K K^T``, then ``W_t = W_{t-1} + A_t^{-1} K (V - K^T W_{t-1})`` by
+    * ``rlsedit``: ``rls_step(C, W, K, V, out=...)`` -- the whole RLSEdit update (next ``C`` and ``W``),
+      ``C_next`` written into a preallocated buffer as the editor's double buffering does.
+    * ``resolve``: ``A_t = A_{t-1} + K K^T`` (into a preallocated buffer too), then
+      ``W_t = W_{t-1} + A_t^{-1} K (V - K^T W_{t-1})`` by
       :func:`rlsedit.linalg.solve_spd` (Cholesky of ``A_t``, two triangular solves): the minimal full
       re-solve of the normal equations; it gives the same ``W_t`` as RLSEdit.
     * ``alphaedit``: :func:`rlsedit.linalg.alphaedit_delta` with the projector precomputed, i.e.
@@ -252,11 +266,15 @@ def bench_update_vs_resolve(
     K, V = prob.batch(1, W)
     E = V - K.mT @ W
 
+    # preallocated outputs for the two d_k x d_k results that a caller can keep between batches
+    C_out = torch.empty_like(C)
+    A_out = torch.empty_like(A)
+
     def run_rls() -> torch.Tensor:
-        return rls_step(C, W, K, V)[1]
+        return rls_step(C, W, K, V, out=C_out)[1]
 
     def run_resolve() -> torch.Tensor:
-        A_t = torch.addmm(A, K, K.mT)
+        A_t = torch.addmm(A, K, K.mT, out=A_out)
         return W + solve_spd(A_t, K @ E)
 
     def run_alpha() -> torch.Tensor:

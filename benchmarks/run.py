@@ -378,8 +378,10 @@ def section_update_vs_history(ctx: Context) -> Section:
         "standard normal, targets V = K^T W + E; lam = 1, mu = 31.6 (the SmolLM2 defaults). C_0 is "
         "stored dense and is dense after the first batch: dense kernels do the same work whatever the "
         "values, so the timings are those of real statistics.",
-        "Timed: `rlsedit.linalg.rls_step(C, W, K, V)` (next C and W), repeated from the same state, median "
-        "kept; the state then advances. One untimed call precedes batch 1.",
+        "Timed: `rlsedit.linalg.rls_step(C, W, K, V, out=spare)` (next C and W), repeated from the same "
+        "state, median kept; the state then advances and the old C becomes the spare (double buffering, as "
+        "the RLSEdit editor does: no d_k x d_k matrix is allocated per batch). One untimed call precedes "
+        "batch 1 (it also touches the spare's pages).",
         "'last / first' compares single batches; 'windows' compares the medians of the last and the first "
         "tenth of the batches, which a momentary change in the machine's load does not move.",
         "At Llama-3-8B dimensions only a few batches run: the cost of a batch depends on d_k, d_v and u, "
@@ -487,8 +489,10 @@ def section_update_vs_resolve(ctx: Context) -> Section:
     sec.notes += [
         "Same synthetic problem as update_vs_history; the timed batch comes after one earlier batch "
         f"(C_1, A_1 = A_0 + K_p K_p^T); all in {ctx.args.dtype}, as the editors compute.",
-        "RLSEdit: `rls_step(C, W, K, V)`, O(d_k^2 u).",
-        "re-solve: A_t = A_{t-1} + K K^T, then W_t = W_{t-1} + A_t^{-1} K (V - K^T W_{t-1}) by "
+        "RLSEdit: `rls_step(C, W, K, V, out=buffer)`, O(d_k^2 u), C_t written into a preallocated matrix "
+        "(the editor's double buffering).",
+        "re-solve: A_t = A_{t-1} + K K^T (into a preallocated matrix too), then "
+        "W_t = W_{t-1} + A_t^{-1} K (V - K^T W_{t-1}) by "
         "`solve_spd` (Cholesky of A_t, two triangular solves): the cheapest exact re-solve of the normal "
         "equations, O(d_k^3 / 3). It gives RLSEdit's W_t: 'W agreement' is "
         "||W_R - W_S|| / ||W_R - W_{t-1}||.",

@@ -339,3 +339,25 @@ def test_sampled_checkpoints_and_shared_pre_cache(finished: Path, model_dir: Pat
     assert (tmp_path / "rep" / "retention.png").stat().st_size > 0
     with pytest.raises(ValueError, match="checkpoint_cases"):
         ExperimentSpec(checkpoint_cases=-1)
+
+
+def test_stop_after_leaves_a_resumable_run(finished: Path, model_dir: Path, tmp_path: Path) -> None:
+    """--stop-after applies the edits up to N (and the checkpoint there), then stops; the same command
+    without it resumes and ends where an uninterrupted run ends."""
+    out = tmp_path / "stopped"
+    argv = ["run", "--model", str(model_dir), "--split", "tune", "--edits", "6", "--batch-size", "3"]
+    argv += ["--eval-every", "3", "--out", str(out), "--stats", str(finished.parent / "stats")]
+    for k, v in SETTINGS.items():
+        argv += ["--set", f"{k}={json.dumps(v)}"]
+    assert cli.main([*argv, "--stop-after", "3"]) == 0
+    assert not (out / "results.json").exists()
+    assert [b["batch_id"] for b in json.loads((out / "batches.json").read_text())] == [0]
+    assert (out / "checkpoints" / "000003.json").exists()
+    assert cli.main([*argv, "--stop-after", "3"]) == 0  # already there: applies nothing more
+    assert len(json.loads((out / "batches.json").read_text())) == 1
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--stop-after", "0"])
+    assert cli.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [b["batch_id"] for b in res["batches"]] == [0, 1]
+    assert res["post"] == json.loads((finished / "results.json").read_text())["post"]

@@ -232,6 +232,45 @@ def test_rls_step_inplace_equals_out_of_place(monkeypatch: pytest.MonkeyPatch) -
     assert torch.equal(C_bad, before)
 
 
+def test_rls_step_into_a_buffer_equals_a_fresh_result() -> None:
+    """``out=`` writes C_next into the given buffer, bitwise what a fresh C_next holds; C is untouched;
+    a buffer that overlaps C, has the wrong shape/dtype/layout, or comes with inplace=True is refused."""
+    sigma, W0, keys, values, _ = make_problem(seed=6)
+    C = initial_inverse(sigma, LAM, MU)
+    K = keys(4)
+    V = values(K, W0)
+    C_ref, W_ref = rls_step(C, W0, K, V)
+    before = C.clone()
+    buf = torch.full_like(C, float("nan"))
+    C_next, W_next = rls_step(C, W0, K, V, out=buf)
+    assert C_next.data_ptr() == buf.data_ptr()
+    assert torch.equal(C_next, C_ref) and torch.equal(W_next, W_ref)
+    assert torch.equal(C, before)
+    # ping-pong over a few batches: the same as fresh allocations every time
+    a, b, spare = C.clone(), C.clone(), torch.empty_like(C)
+    Wa = Wb = W0
+    for t in range(3):
+        Kt = keys(3)
+        Vt = values(Kt, Wa)
+        a, Wa = rls_step(a, Wa, Kt, Vt)
+        nb, Wb = rls_step(b, Wb, Kt, Vt, out=spare)
+        spare, b = b, nb
+        assert torch.equal(a, b) and torch.equal(Wa, Wb), t
+    with pytest.raises(ValueError, match="shares memory"):
+        rls_step(C, W0, K, V, out=C)
+    with pytest.raises(ValueError, match="shares memory"):
+        rls_step(C, W0, K, V, out=C.view(-1)[: C.numel()].view(C.shape))
+    with pytest.raises(ValueError, match="must match C"):
+        rls_step(C, W0, K, V, out=torch.empty(C.shape[0] + 1, C.shape[0] + 1, dtype=C.dtype))
+    with pytest.raises(ValueError, match="must match C"):
+        rls_step(C, W0, K, V, out=torch.empty_like(C, dtype=torch.float32))
+    with pytest.raises(ValueError, match="contiguous"):
+        rls_step(C, W0, K, V, out=torch.empty_like(C).T)
+    with pytest.raises(ValueError, match="not both"):
+        rls_step(C, W0, K, V, out=torch.empty_like(C), inplace=True)
+    assert torch.equal(C, before)
+
+
 def test_rls_step_result_is_row_major_and_layout_independent() -> None:
     """A column-major C (as LAPACK's inverse returns) gives bitwise what its row-major copy gives, and
     C_next is row-major either way: a state saved and loaded (row-major) computes exactly as before."""

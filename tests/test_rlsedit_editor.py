@@ -385,6 +385,45 @@ def test_reedit_supersedes_earlier_request() -> None:
     assert out["batch"] == 1 and out["requests"] == [0]
 
 
+def test_double_buffering_reuses_memory_and_changes_nothing() -> None:
+    """With double buffering (the default) a batch writes C_t and A_t into the matrices the batch before
+    last held, and every weight and state is bitwise what fresh allocations give; a re-edit (which
+    retracts first) and a failed batch keep it consistent."""
+    fast, plain = _editor(), _editor(double_buffer=False)
+    ptrs: list[dict[int, int]] = []
+    reedit = EditRequest(REQUESTS[0].prompt, REQUESTS[0].subject, "German")
+    stream = (REQUESTS[:2], REQUESTS[2:4], [reedit], REQUESTS[4:5])
+    for k, batch in enumerate(stream):
+        for editor in (fast, plain):
+            editor.edit(batch)
+        ptrs.append({layer: fast.layer_state[layer]["C"].data_ptr() for layer in LAYERS})
+        for layer in LAYERS:
+            assert torch.equal(_weight(fast, layer), _weight(plain, layer)), (k, layer)
+            for name in ("C", "A", "B", "vv"):
+                assert torch.equal(fast.layer_state[layer][name], plain.layer_state[layer][name]), (k, name)
+    # batch 1 wrote into C_0's memory, batch 2 into batch 0's, batch 3 into batch 1's (the re-edit's
+    # retraction in between allocates its own)
+    assert ptrs[1] != ptrs[0] and ptrs[2] == ptrs[0] and ptrs[3] == ptrs[1]
+    _check_minimiser(fast, what="double buffered")
+    # a batch that fails after its solve leaves the state as it was, and the next batch still matches
+    snap = _snapshot(fast)
+    orig = fast._write_records
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("disk full")
+
+    fast._write_records = boom  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="disk full"):
+        fast.edit(REQUESTS[5:6])
+    fast._write_records = orig  # type: ignore[method-assign]
+    _assert_unchanged(fast, snap)
+    for editor in (fast, plain):
+        editor.edit(REQUESTS[5:6])
+    for layer in LAYERS:
+        assert torch.equal(_weight(fast, layer), _weight(plain, layer))
+        assert torch.equal(fast.layer_state[layer]["C"], plain.layer_state[layer]["C"])
+
+
 def test_repeated_stream_is_skipped_and_hand_retracted_batch_reapplied() -> None:
     """Re-running a stream whose later batch re-edits an earlier fact changes nothing (resume); a batch
     retracted by hand is applied again when it is submitted again."""

@@ -388,7 +388,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         command="rlsedit " + " ".join(shlex.quote(a) for a in args.argv),
         targets_cache=args.targets_cache,
         pre_cache=args.pre_cache,
+        stop_after=args.stop_after,
     )
+    if res.get("stopped_after") is not None:
+        _out(
+            f"stopped after {res['stopped_after']} of {res['edits']} edits; the same command (without "
+            f"--stop-after, or with a larger one) resumes the run: {args.out}"
+        )
+        return 0
     _print_summaries([("before editing", res["pre"]), (f"after {res['edits']} edits", res["post"])])
     if res["post"].get("consistency_note"):
         _out(f"consistency: {res['post']['consistency_note']}")
@@ -550,6 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
         "0: all (the final scoring always covers all)",
     )
     rn.add_argument("--out", required=True, help="experiment folder (resumed if it exists)")
+    rn.add_argument(
+        "--stop-after",
+        type=_positive_int,
+        default=None,
+        help="stop once N edits are applied (checkpoint there included), leaving the run resumable",
+    )
     rn.add_argument("--stats", default=None, help="statistics folder (written by `rlsedit stats --out`)")
     rn.add_argument(
         "--targets-cache",

@@ -347,8 +347,14 @@ def run_experiment(
     command: str | None = None,
     targets_cache: str | Path | None = None,
     pre_cache: str | Path | None = None,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the experiment ``spec`` in folder ``out``; return the results dict.
+
+    ``stop_after``: stop once this many edits are applied (and their checkpoint, if one falls there, is
+    scored), leaving the run resumable; the returned dict is then ``{"stopped_after": n, "edits": N,
+    "partial": True}`` and no final scoring is done. A stream that is already further along is not
+    rolled back: the call just stops before applying anything more.
 
     A folder holding a different spec is refused (start a new folder instead). ``targets_cache``: a
     folder where optimised targets are kept and reused for exactly the same model state and requests
@@ -408,7 +414,11 @@ def run_experiment(
         (out / "checkpoints").mkdir(exist_ok=True)
         chunks = [cases[i : i + spec.batch_size] for i in range(0, len(cases), spec.batch_size)]
         done = 0
+        stopped = False
         for k, chunk in enumerate(chunks):
+            if stop_after is not None and done >= stop_after:
+                stopped = True
+                break
             rep = editor.edit([c.request for c in chunk])
             done += len(chunk)
             objective = _objective(editor) if rep.batches else None
@@ -441,6 +451,14 @@ def run_experiment(
             if at_checkpoint and spec.capability is not None and not cap_ck.exists() and at_head:
                 log.info("general capability after %d edits", done)
                 save_json(cap_ck, {"edits": done, **_capability(model, tok, spec.capability)})
+    if stopped:
+        log.info(
+            "stopped after %d of %d edits (%d batches applied); the same command resumes the run",
+            done,
+            len(cases),
+            len(editor.batches),
+        )
+        return {"stopped_after": done, "edits": len(cases), "partial": True}
 
     key = _state_key(editor)
     log.info("scoring the edited model on %d cases", len(cases))

@@ -229,7 +229,9 @@ def _sym_rank_update(
     return out
 
 
-def rls_step(C: Tensor, W: Tensor, K: Tensor, V: Tensor, *, inplace: bool = False) -> tuple[Tensor, Tensor]:
+def rls_step(
+    C: Tensor, W: Tensor, K: Tensor, V: Tensor, *, inplace: bool = False, out: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Apply one batch of the soft recursive least-squares recursion.
 
     With ``F = C K``, ``S = I_u + K^T F = R^T R`` (``R`` upper), ``G = F R^{-1}``:
@@ -246,6 +248,10 @@ def rls_step(C: Tensor, W: Tensor, K: Tensor, V: Tensor, *, inplace: bool = Fals
 
         inplace: write ``C_next`` into ``C`` (saves allocating a second ``(d_k, d_k)`` matrix; ``C`` is
             then lost, also when ``W``'s update fails afterwards). Default: ``C`` is not modified.
+        out: a ``(d_k, d_k)`` row-major buffer of ``C``'s dtype and device, distinct from ``C``, to write
+            ``C_next`` into (double buffering: a caller that alternates two buffers allocates nothing per
+            batch; a fresh 1.6 GiB matrix per step at ``d_k = 14336`` costs its page faults every time).
+            Its contents are overwritten; ``C`` is not modified.
 
     Returns:
         ``(C_next, W_next)``: ``(d_k, d_k)`` in ``C.dtype`` and ``(d_k, d_v)`` in ``W.dtype``.
@@ -256,6 +262,8 @@ def rls_step(C: Tensor, W: Tensor, K: Tensor, V: Tensor, *, inplace: bool = Fals
             positive definite (``C`` has lost definiteness: re-invert it with :func:`reinvert`).
     """
     _check_batch(C, W, K, V)
+    if out is not None:
+        _check_out(C, out, inplace)
     dt = C.dtype
     Kc = K.to(dt)
     Wc = W.to(dt)
@@ -275,9 +283,30 @@ def rls_step(C: Tensor, W: Tensor, K: Tensor, V: Tensor, *, inplace: bool = Fals
     W_next = W + (CK @ innovation).to(W.dtype)
     # last: C is intact on failure; a new C_next is row-major whatever C's layout (gemm kernels, hence the
     # last bits of every later step, depend on it: a state must compute the same before and after a save)
-    out = C if inplace else torch.empty(C.shape, dtype=C.dtype, device=C.device)
+    if out is None:
+        out = C if inplace else torch.empty(C.shape, dtype=C.dtype, device=C.device)
     C_next = _sym_rank_update(C, G, out)
     return C_next, W_next
+
+
+def _check_out(C: Tensor, out: Tensor, inplace: bool) -> None:
+    """``out`` must be a row-major ``C``-shaped buffer of ``C``'s dtype and device that shares no memory
+    with ``C`` (``inplace`` is the way to overwrite ``C``)."""
+    if inplace:
+        raise ValueError("give either inplace=True or out=, not both")
+    if not isinstance(out, Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.shape != C.shape or out.dtype != C.dtype or out.device != C.device:
+        raise ValueError(
+            f"out must match C: shape {tuple(C.shape)}, {C.dtype} on {C.device}; got shape "
+            f"{tuple(out.shape)}, {out.dtype} on {out.device}"
+        )
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous (row-major)")
+    lo, hi = C.data_ptr(), C.data_ptr() + C.numel() * C.element_size()
+    olo, ohi = out.data_ptr(), out.data_ptr() + out.numel() * out.element_size()
+    if olo < hi and lo < ohi:
+        raise ValueError("out shares memory with C; use inplace=True to overwrite C")
 
 
 def _default_retract_tol(dtype: torch.dtype) -> float:

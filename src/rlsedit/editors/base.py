@@ -709,6 +709,10 @@ class LocateThenEditEditor:
                     superseded.append((b["id"], j))
         return kept, superseded
 
+    def recycle_state(self, old: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Called after a batch has committed with the layer states it replaced (``old[layer]``); an
+        editor may keep their memory for the next batch (double buffering). The default drops them."""
+
     def supersede(self, items: list[tuple[int, int]]) -> None:
         """Called before a batch that re-edits earlier requests ``(batch_id, index)``; the default
         keeps them (editors without retraction simply overwrite)."""
@@ -755,6 +759,7 @@ class LocateThenEditEditor:
                 committing = True
                 self._commit(self._store)
             report.timings["save"] = time.perf_counter() - t_save
+            self.recycle_state(state_snapshot)
         except BaseException:
             with torch.no_grad():
                 for layer, w in weights.items():
