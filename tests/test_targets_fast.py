@@ -90,6 +90,7 @@ def test_chunk_forward_matches_and_keeps_cache(model_type: str, skip: bool) -> N
         model, sites, rows, pad, chunk_rows=7, layer=LAYER if skip else None
     )
     assert (fast.layer == LAYER) if skip else (fast.layer is None)
+    assert len(fast.stems) >= 2  # the templates' shared tokens are encoded once
     stored = [t.clone() for t in (*fast.keys, *fast.values)]
     idx = [0, 3, 4, 7, 12, 20, 21, 24]  # rows of several requests, with prefixes of 0 .. many tokens
     assert min(rows[k].subject_last for k in idx) == 0 < max(rows[k].subject_last for k in idx)
@@ -201,3 +202,35 @@ def test_batch_equals_each_request_alone() -> None:
         alone = _run(model, tokenizer, fast=True, stop_nll=0.0, requests=[req])
         assert _rel(together.z[i : i + 1], alone.z) < RTOL
         assert int(together.steps[i]) == int(alone.steps[0])
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen2"])
+def test_prefix_cache_with_shared_stems_equals_each_prefix_alone(model_type: str) -> None:
+    """Every row's stored prefix keys/values (its stem, encoded once per template, then the rest on top of
+    it) equal those of a plain forward of that row's prefix alone, at every layer; pads are masked."""
+    from transformers import DynamicCache
+
+    model, tokenizer = tiny_model(model_type, seed=1, **OVERRIDES)
+    rows = [r for rs in targets_mod._build_rows(tokenizer, REQUESTS, CONTEXTS, "{} is a") for r in rs]
+    arch = targets_mod.get_arch(model)
+    sites = targets_mod._Sites(
+        f"{arch.blocks}.{LAYER}.{arch.mlp_out}", f"{arch.blocks}.{LAYER}", arch.final_norm
+    )
+    fast = targets_mod._PrefixCachedForward(model, sites, rows, tokenizer.pad_token_id, chunk_rows=6)
+    stem_len, row_stem = fast._stems()
+    assert len(stem_len) >= 2 and -1 in row_stem and any(g >= 0 for g in row_stem)
+    kw = targets_mod._cache_kwarg(model)
+    for k, r in enumerate(rows):
+        valid = fast.pmask[k].bool()
+        assert int(valid.sum()) == r.subject_last
+        if r.subject_last == 0:
+            continue
+        cache = DynamicCache()
+        with torch.no_grad():
+            model(input_ids=torch.tensor([r.ids[: r.subject_last]]), use_cache=True, **{kw: cache})
+        for layer, (ref_k, ref_v) in enumerate(targets_mod._cache_layers(cache)):
+            got_k = fast.keys[layer][k][:, valid]
+            got_v = fast.values[layer][k][:, valid]
+            assert torch.allclose(got_k, ref_k[0], rtol=1e-4, atol=1e-5), (k, layer)
+            assert torch.allclose(got_v, ref_v[0], rtol=1e-4, atol=1e-5), (k, layer)
+            assert not fast.keys[layer][k][:, ~valid].any()

@@ -132,6 +132,7 @@ class _Row:
     kind: str  # "nll" or "kl"
     target_pos: list[int]  # positions whose next-token prediction is a target token
     target_tok: list[int]
+    ctx: int = -1  # index of the row's context template (-1: the KL row)
 
 
 def _build_rows(
@@ -141,12 +142,12 @@ def _build_rows(
     for i, req in enumerate(requests):
         tgt = target_ids(tokenizer, req.target_new_text)
         rows: list[_Row] = []
-        for ctx in contexts:
+        for c, ctx in enumerate(contexts):
             ids, last = encode_text_upto(
                 tokenizer, ctx + req.text, len(ctx) + len(req.prefix) + len(req.subject)
             )
             n = len(ids)
-            rows.append(_Row(ids + tgt[:-1], last, i, "nll", list(range(n - 1, n - 1 + len(tgt))), tgt))
+            rows.append(_Row(ids + tgt[:-1], last, i, "nll", list(range(n - 1, n - 1 + len(tgt))), tgt, c))
         pre, post = kl_prompt.split("{}", 1)
         kl_text = pre + req.subject + post
         ids, last = encode_text_upto(tokenizer, kl_text, len(pre) + len(req.subject))
@@ -193,19 +194,27 @@ class _Sites:
 
 
 def _run_chunk(
-    model: nn.Module, sites: _Sites, vec: torch.Tensor, cols: torch.Tensor, **inputs: object
-) -> tuple[torch.Tensor, torch.Tensor]:
+    model: nn.Module,
+    sites: _Sites,
+    vec: torch.Tensor,
+    cols: torch.Tensor,
+    block_only: bool = False,
+    **inputs: object,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """One forward with ``vec[k]`` (``(n, d_model)``) added at column ``cols[k]`` (``(n,)``) of row ``k``.
 
     Returns ``(final-norm output, block output)``, both ``(n, T, d_model)``; the forward stops at the final
-    norm (no LM head).
+    norm (no LM head), or, with ``block_only``, right after the block that is read (the final-norm output is
+    then None).
     """
+    names = [sites.read] if block_only else [sites.read, sites.final_norm]
     with (
         add_at_positions(model, sites.inject, vec, cols),
-        trace(model, [sites.read, sites.final_norm], capture_output=True, detach=False, stop=True) as tr,
+        trace(model, names, capture_output=True, detach=False, stop=True) as tr,
     ):
         model(**inputs)
-    return tr[sites.final_norm].output, tr[sites.read].output.detach()
+    hidden = None if block_only else tr[sites.final_norm].output
+    return hidden, tr[sites.read].output.detach()
 
 
 class _FullForward:
@@ -342,56 +351,171 @@ class _PrefixCachedForward:
             raise TypeError("the model's forward takes no KV cache")
         self.cache_kwarg = kwarg
         n_blocks = len(get_module(model, get_arch(model).blocks))
-        self.width = max(r.subject_last for r in rows)
+        self.width = 0
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.pmask = torch.zeros(len(rows), 0, dtype=torch.long)
+        self.stems: list[int] = []  # lengths of the shared stems (one per context with one)
         self.layer: int | None = None
         self.skip_reason: str | None = "not requested" if layer is None else None
         self.suffix_out: torch.Tensor | None = None
-        if self.width > 0:
+        if max(r.subject_last for r in rows) > 0:
             self._build_prefix_cache(chunk_rows, n_blocks)
         if layer is not None:
             self._prepare_skip(layer, chunk_rows)
 
+    def _stems(self) -> tuple[list[int], list[int]]:
+        """The token stems rows share: the rows of one context template (one per request) begin with the
+        same tokens (the template's, up to where the prompt's first word merges with them), whose keys
+        and values are therefore the same in every such row (causal attention, same positions).
+
+        Returns ``(stem length per stem, stem index per row (-1: none))``; a stem is kept when at least two
+        rows share at least two tokens, and never reaches a row's subject's last token.
+        """
+        groups: dict[int, list[int]] = {}
+        for k, r in enumerate(self.rows):
+            if r.kind == "nll" and r.ctx >= 0:
+                groups.setdefault(r.ctx, []).append(k)
+        lengths: list[int] = []
+        row_stem = [-1] * len(self.rows)
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            first = self.rows[members[0]].ids
+            m = min(self.rows[k].subject_last for k in members)
+            for k in members[1:]:
+                ids = self.rows[k].ids
+                c = 0
+                while c < m and ids[c] == first[c]:
+                    c += 1
+                m = c
+            if m >= 2:
+                for k in members:
+                    row_stem[k] = len(lengths)
+                lengths.append(m)
+        return lengths, row_stem
+
+    def _encode(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        pos: torch.Tensor,
+        past: list[tuple[torch.Tensor, torch.Tensor]] | None,
+        past_mask: torch.Tensor | None,
+        n_blocks: int,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One no-grad forward of ``ids`` (``(n, T)``; ``mask`` and ``pos`` alike) on top of ``past``
+        (``[(keys, values)]`` per block, ``(n, kv_heads, P, head_dim)``, with ``past_mask`` ``(n, P)``; or
+        None); returns the ``(keys, values)`` of the new tokens per block, ``(n, kv_heads, T, head_dim)``."""
+        cache = self._cache_cls()
+        p = 0
+        if past is not None:
+            assert past_mask is not None and past_mask.shape == (ids.shape[0], past[0][0].shape[-2])
+            p = past_mask.shape[1]
+            for layer, (k, v) in enumerate(past):
+                cache.update(k, v, layer)
+            mask = torch.cat([past_mask, mask], 1)
+        with trace(self.model, [self.sites.final_norm], stop=True):
+            self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=pos.to(self.device),
+                use_cache=True,
+                **{self.cache_kwarg: cache},
+            )
+        kv = _cache_layers(cache)
+        if len(kv) != n_blocks or any(
+            t.dim() != 4 or t.shape[0] != ids.shape[0] or t.shape[-2] != p + ids.shape[1]
+            for pair in kv
+            for t in pair
+        ):
+            raise ValueError("the model did not fill a (batch, heads, seq, head_dim) cache per block")
+        return [(k[:, :, p:], v[:, :, p:]) for k, v in kv]
+
     def _build_prefix_cache(self, chunk_rows: int, n_blocks: int) -> None:
-        """Encode every row's prefix once (no grad) into ``self.keys`` / ``self.values``."""
-        model, sites, rows, pad, kwarg = self.model, self.sites, self.rows, self.pad, self.cache_kwarg
+        """Encode every row's prefix once (no grad) into ``self.keys`` / ``self.values`` / ``self.pmask``.
+
+        Layout per row: ``[stem (Ms columns) | rest (R columns)]``, each part left-padded (pads are zero
+        and masked), where the stem is the token prefix the row shares with the other rows of its context
+        template (:meth:`_stems`; encoded once per template) and the rest is the remainder of the prefix,
+        encoded on top of the row's stem. Rows are encoded in order of their rest's length, so that a
+        chunk's padding is small.
+        """
+        rows, pad = self.rows, self.pad
+        stem_len, row_stem = self._stems()
+        self.stems = stem_len
+        n_stems, Ms = len(stem_len), max(stem_len, default=0)
+        start = [stem_len[g] if g >= 0 else 0 for g in row_stem]
+        rest = [r.subject_last - m for r, m in zip(rows, start, strict=True)]
+        R = max(rest)
+        self.width = Ms + R
+
+        def left_padded(seqs: list[list[int]], width: int, offsets: list[int]) -> tuple[torch.Tensor, ...]:
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for k, seq in enumerate(seqs):
+                if seq:
+                    ids[k, width - len(seq) :] = torch.tensor(seq)
+                    mask[k, width - len(seq) :] = 1
+            pos = (mask.cumsum(1) - 1).clamp_min(0) + torch.tensor(offsets)[:, None]
+            return ids, mask, pos
+
         with torch.no_grad():
-            for c0 in range(0, len(rows), chunk_rows):
-                chunk = rows[c0 : c0 + chunk_rows]
-                pw = max(r.subject_last for r in chunk)
-                if pw == 0:
-                    continue
-                ids = torch.full((len(chunk), pw), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), pw), dtype=torch.long)
-                for k, r in enumerate(chunk):
-                    if r.subject_last:
-                        ids[k, pw - r.subject_last :] = torch.tensor(r.ids[: r.subject_last])
-                        mask[k, pw - r.subject_last :] = 1
-                pos = (mask.cumsum(1) - 1).clamp_min(0)
-                cache = self._cache_cls()
-                with trace(model, [sites.final_norm], stop=True):
-                    model(
-                        input_ids=ids.to(self.device),
-                        attention_mask=mask.to(self.device),
-                        position_ids=pos.to(self.device),
-                        use_cache=True,
-                        **{kwarg: cache},
+            stem_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+            stem_mask = torch.zeros(n_stems + 1, Ms, dtype=torch.long)
+            if n_stems:
+                first = [next(k for k, g in enumerate(row_stem) if g == s) for s in range(n_stems)]
+                seqs = [rows[k].ids[: stem_len[s]] for s, k in enumerate(first)]
+                ids, mask, pos = left_padded(seqs, Ms, [0] * n_stems)
+                kv = self._encode(ids, mask, pos, None, None, n_blocks)
+                valid = mask.to(torch.bool)[:, None, :, None]
+                # one all-masked stem (index n_stems) for the rows without one
+                stem_kv = [
+                    (
+                        F.pad(torch.where(valid.to(k.device), k, 0), (0, 0, 0, 0, 0, 0, 0, 1)),
+                        F.pad(torch.where(valid.to(v.device), v, 0), (0, 0, 0, 0, 0, 0, 0, 1)),
                     )
-                kv = _cache_layers(cache)
-                if len(kv) != n_blocks or any(
-                    k.dim() != 4 or k.shape[0] != len(chunk) or k.shape[-2] != pw for pair in kv for k in pair
-                ):
-                    raise ValueError("the model did not fill a (batch, heads, seq, head_dim) cache per block")
+                    for k, v in kv
+                ]
+                stem_mask[:n_stems] = mask
+            row_g = torch.tensor([g if g >= 0 else n_stems for g in row_stem])
+            self.pmask = torch.zeros(len(rows), self.width, dtype=torch.long)
+            self.pmask[:, :Ms] = stem_mask[row_g]
+            order = sorted(range(len(rows)), key=lambda k: rest[k])
+            for c0 in range(0, len(rows), chunk_rows):
+                slots = torch.tensor(order[c0 : c0 + chunk_rows])
+                rw = max(rest[k] for k in slots.tolist())
+                if rw == 0:
+                    continue
+                seqs = [rows[k].ids[start[k] : rows[k].subject_last] for k in slots.tolist()]
+                ids, mask, pos = left_padded(seqs, rw, [start[k] for k in slots.tolist()])
+                past, past_mask = None, None
+                if stem_kv is not None:
+                    g = row_g[slots]
+                    past = [
+                        (k.index_select(0, g.to(k.device)), v.index_select(0, g.to(v.device)))
+                        for k, v in stem_kv
+                    ]
+                    past_mask = stem_mask[g]
+                kv = self._encode(ids, mask, pos, past, past_mask, n_blocks)
                 if not self.keys:
                     for k, v in kv:
                         self.keys.append(k.new_zeros(len(rows), k.shape[1], self.width, k.shape[3]))
                         self.values.append(v.new_zeros(len(rows), v.shape[1], self.width, v.shape[3]))
                 valid = mask.to(torch.bool)[:, None, :, None]
-                # each block's cache is on that block's device
                 for (k, v), ks, vs in zip(kv, self.keys, self.values, strict=True):
-                    ks[c0 : c0 + len(chunk), :, self.width - pw :] = torch.where(valid.to(k.device), k, 0)
-                    vs[c0 : c0 + len(chunk), :, self.width - pw :] = torch.where(valid.to(v.device), v, 0)
+                    at = slots.to(ks.device)  # each block's cache is on that block's device
+                    ks[at, :, self.width - rw :] = torch.where(valid.to(k.device), k, 0)
+                    vs[at, :, self.width - rw :] = torch.where(valid.to(v.device), v, 0)
+                self.pmask[slots, self.width - rw :] = mask
+            if stem_kv is not None:
+                if not self.keys:  # every prefix is a stem
+                    for k, v in stem_kv:
+                        self.keys.append(k.new_zeros(len(rows), k.shape[1], self.width, k.shape[3]))
+                        self.values.append(v.new_zeros(len(rows), v.shape[1], self.width, v.shape[3]))
+                for (k, v), ks, vs in zip(stem_kv, self.keys, self.values, strict=True):
+                    ks[:, :, :Ms] = k.index_select(0, row_g.to(k.device))
+                    vs[:, :, :Ms] = v.index_select(0, row_g.to(v.device))
 
     def _prepare_skip(self, layer: int, chunk_rows: int) -> None:
         """Block ``layer``'s output at every row's suffix (``(n_rows, S, d_model)``, right-padded), then
@@ -406,7 +530,7 @@ class _PrefixCachedForward:
             for c0 in range(0, len(self.rows), chunk_rows):
                 idx = list(range(c0, min(len(self.rows), c0 + chunk_rows)))
                 zero = torch.zeros(len(idx), _d_model(self.model), device=self.device)
-                block = self(idx, zero).block
+                block = self(idx, zero, block_only=True).block  # blocks above `layer` are not needed
                 parts.append(F.pad(block, (0, 0, 0, width - block.shape[1])))
         self.suffix_out = torch.cat(parts, 0)
         self.blocks = blocks
@@ -441,7 +565,9 @@ class _PrefixCachedForward:
         """Memory held by the cached suffix block outputs (layer skip)."""
         return 0 if self.suffix_out is None else self.suffix_out.numel() * self.suffix_out.element_size()
 
-    def __call__(self, idx: Sequence[int], vec: torch.Tensor) -> _ChunkOutput:
+    def __call__(self, idx: Sequence[int], vec: torch.Tensor, block_only: bool = False) -> _ChunkOutput:
+        """The suffix forward of rows ``idx``; ``block_only`` (layer skip off) stops after block ``layer``
+        (``hidden`` is then None)."""
         rows = [self.rows[k] for k in idx]
         n = len(rows)
         plen = [r.subject_last for r in rows]
@@ -450,25 +576,26 @@ class _PrefixCachedForward:
         pos = pl + torch.arange(ids.shape[1])
         pos = torch.where(smask.bool(), pos, pl)  # pads: any valid position
         inputs: dict[str, object] = {"input_ids": ids.to(self.device), "position_ids": pos.to(self.device)}
-        pw = max(plen)
-        if pw == 0:
+        sel = torch.tensor(list(idx))
+        pmask = self.pmask[sel]
+        used = pmask.any(0).nonzero().flatten()  # prefix columns some row of this chunk uses
+        if used.numel() == 0:
             inputs.update(attention_mask=smask.to(self.device), use_cache=False)
         else:
-            pmask = (torch.arange(pw)[None, :] >= pw - pl).long()
-            sel = torch.tensor(list(idx))
+            lo = int(used[0])
             cache = self._cache_cls()
             for layer, (ks, vs) in enumerate(zip(self.keys, self.values, strict=True)):
                 cache.update(
-                    ks[:, :, self.width - pw :].index_select(0, sel.to(ks.device)),
-                    vs[:, :, self.width - pw :].index_select(0, sel.to(vs.device)),
+                    ks[:, :, lo:].index_select(0, sel.to(ks.device)),
+                    vs[:, :, lo:].index_select(0, sel.to(vs.device)),
                     layer,
                 )
-            inputs.update(attention_mask=torch.cat([pmask, smask], 1).to(self.device), use_cache=True)
+            inputs.update(attention_mask=torch.cat([pmask[:, lo:], smask], 1).to(self.device), use_cache=True)
             inputs[self.cache_kwarg] = cache
         if self.layer is None:
             cols = torch.zeros(n, dtype=torch.long)
-            hidden, block = _run_chunk(self.model, self.sites, vec, cols, **inputs)
-            return _ChunkOutput(hidden, block, plen)
+            hidden, block = _run_chunk(self.model, self.sites, vec, cols, block_only, **inputs)
+            return _ChunkOutput(hidden, block, plen)  # type: ignore[arg-type]
         assert self.suffix_out is not None
         cached = self.suffix_out[torch.tensor(list(idx), device=self.suffix_out.device), : ids.shape[1]]
         first = cached[:, :1] + vec.to(device=cached.device, dtype=cached.dtype)[:, None]
