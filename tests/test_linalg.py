@@ -213,34 +213,21 @@ def test_sym_rank_update_matches_dense_and_is_symmetric(panel: int, alpha: float
     assert torch.equal(same, out)
 
 
-def test_rls_step_inplace_equals_out_of_place(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rls_step_inplace_and_into_a_buffer_equal_out_of_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``inplace`` writes C_next into C, ``out=`` into a given buffer (C untouched): both bitwise what a
+    fresh C_next holds; a buffer that overlaps C, has the wrong shape/dtype/layout, or comes with
+    inplace=True is refused; a failing step leaves C as it was."""
     monkeypatch.setattr(linalg, "_PANEL_ROWS", 5)
     sigma, W0, keys, values, _ = make_problem(seed=5)
     C = initial_inverse(sigma, LAM, MU)
     K = keys(4)
     V = values(K, W0)
     C_ref, W_ref = rls_step(C, W0, K, V)
+    before = C.clone()
     C_in = C.clone()
     C_next, W_next = rls_step(C_in, W0, K, V, inplace=True)
     assert C_next.data_ptr() == C_in.data_ptr()
     assert torch.equal(C_next, C_ref) and torch.equal(W_next, W_ref)
-    # a failing step (non-positive-definite S) leaves C as it was
-    C_bad = -torch.eye(C.shape[0], dtype=C.dtype)
-    before = C_bad.clone()
-    with pytest.raises(ValueError, match="positive definite"):
-        rls_step(C_bad, W0, K, V, inplace=True)
-    assert torch.equal(C_bad, before)
-
-
-def test_rls_step_into_a_buffer_equals_a_fresh_result() -> None:
-    """``out=`` writes C_next into the given buffer, bitwise what a fresh C_next holds; C is untouched;
-    a buffer that overlaps C, has the wrong shape/dtype/layout, or comes with inplace=True is refused."""
-    sigma, W0, keys, values, _ = make_problem(seed=6)
-    C = initial_inverse(sigma, LAM, MU)
-    K = keys(4)
-    V = values(K, W0)
-    C_ref, W_ref = rls_step(C, W0, K, V)
-    before = C.clone()
     buf = torch.full_like(C, float("nan"))
     C_next, W_next = rls_step(C, W0, K, V, out=buf)
     assert C_next.data_ptr() == buf.data_ptr()
@@ -256,19 +243,24 @@ def test_rls_step_into_a_buffer_equals_a_fresh_result() -> None:
         nb, Wb = rls_step(b, Wb, Kt, Vt, out=spare)
         spare, b = b, nb
         assert torch.equal(a, b) and torch.equal(Wa, Wb), t
-    with pytest.raises(ValueError, match="shares memory"):
-        rls_step(C, W0, K, V, out=C)
-    with pytest.raises(ValueError, match="shares memory"):
-        rls_step(C, W0, K, V, out=C.view(-1)[: C.numel()].view(C.shape))
-    with pytest.raises(ValueError, match="must match C"):
-        rls_step(C, W0, K, V, out=torch.empty(C.shape[0] + 1, C.shape[0] + 1, dtype=C.dtype))
-    with pytest.raises(ValueError, match="must match C"):
-        rls_step(C, W0, K, V, out=torch.empty_like(C, dtype=torch.float32))
-    with pytest.raises(ValueError, match="contiguous"):
-        rls_step(C, W0, K, V, out=torch.empty_like(C).T)
+    for bad, match in (
+        (C, "shares memory"),
+        (C.view(-1).view(C.shape), "shares memory"),
+        (torch.empty(C.shape[0] + 1, C.shape[0] + 1, dtype=C.dtype), "must match C"),
+        (torch.empty_like(C, dtype=torch.float32), "must match C"),
+        (torch.empty_like(C).T, "contiguous"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            rls_step(C, W0, K, V, out=bad)
     with pytest.raises(ValueError, match="not both"):
         rls_step(C, W0, K, V, out=torch.empty_like(C), inplace=True)
     assert torch.equal(C, before)
+    # a failing step (non-positive-definite S) leaves C as it was
+    C_bad = -torch.eye(C.shape[0], dtype=C.dtype)
+    before_bad = C_bad.clone()
+    with pytest.raises(ValueError, match="positive definite"):
+        rls_step(C_bad, W0, K, V, inplace=True)
+    assert torch.equal(C_bad, before_bad)
 
 
 def test_rls_step_result_is_row_major_and_layout_independent() -> None:
