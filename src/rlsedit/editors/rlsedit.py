@@ -158,11 +158,14 @@ class RLSEditor(LocateThenEditEditor):
             record={"K": K32.cpu().contiguous(), "V": V32.cpu().contiguous()},
         )
 
+    def _spares(self) -> dict[tuple[int, str], torch.Tensor]:
+        """The kept state buffers, by ``(layer, state name)`` (per editor; empty until a batch commits)."""
+        return self.__dict__.setdefault("_spare_buffers", {})
+
     def _take_spare(self, layer: int, name: str, like: torch.Tensor) -> torch.Tensor | None:
         """A kept buffer for state ``name`` of ``layer`` shaped like ``like`` (removed from the spares: it is
         about to hold the next state), or None."""
-        spares: dict[tuple[int, str], torch.Tensor] = self.__dict__.setdefault("_spares", {})
-        buf = spares.pop((layer, name), None)
+        buf = self._spares().pop((layer, name), None)
         if buf is None or not self.config.double_buffer:
             return None
         if buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
@@ -174,7 +177,7 @@ class RLSEditor(LocateThenEditEditor):
     def recycle_state(self, old: dict[int, dict[str, torch.Tensor]]) -> None:
         """Keep the replaced ``C`` and ``A`` of each layer as the next batch's output buffers (when no
         current state tensor shares their memory)."""
-        spares: dict[tuple[int, str], torch.Tensor] = self.__dict__.setdefault("_spares", {})
+        spares = self._spares()
         spares.clear()
         if not self.config.double_buffer:
             return
