@@ -432,6 +432,16 @@ class _PrefixCachedForward:
             raise ValueError("the model did not fill a (batch, heads, seq, head_dim) cache per block")
         return [(k[:, :, p:], v[:, :, p:]) for k, v in kv]
 
+    def _allocate(self, like: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Zero storage ``(n_rows, kv_heads, width, head_dim)`` per block, shaped, typed and placed like
+        ``like``'s ``(keys, values)``; nothing when it exists already."""
+        if self.keys:
+            return
+        n = len(self.rows)
+        for k, v in like:
+            self.keys.append(k.new_zeros(n, k.shape[1], self.width, k.shape[3]))
+            self.values.append(v.new_zeros(n, v.shape[1], self.width, v.shape[3]))
+
     def _build_prefix_cache(self, chunk_rows: int, n_blocks: int) -> None:
         """Encode every row's prefix once (no grad) into ``self.keys`` / ``self.values`` / ``self.pmask``.
 
@@ -498,10 +508,7 @@ class _PrefixCachedForward:
                     ]
                     past_mask = stem_mask[g]
                 kv = self._encode(ids, mask, pos, past, past_mask, n_blocks)
-                if not self.keys:
-                    for k, v in kv:
-                        self.keys.append(k.new_zeros(len(rows), k.shape[1], self.width, k.shape[3]))
-                        self.values.append(v.new_zeros(len(rows), v.shape[1], self.width, v.shape[3]))
+                self._allocate(kv)
                 valid = mask.to(torch.bool)[:, None, :, None]
                 for (k, v), ks, vs in zip(kv, self.keys, self.values, strict=True):
                     at = slots.to(ks.device)  # each block's cache is on that block's device
@@ -509,10 +516,7 @@ class _PrefixCachedForward:
                     vs[at, :, self.width - rw :] = torch.where(valid.to(v.device), v, 0)
                 self.pmask[slots, self.width - rw :] = mask
             if stem_kv is not None:
-                if not self.keys:  # every prefix is a stem
-                    for k, v in stem_kv:
-                        self.keys.append(k.new_zeros(len(rows), k.shape[1], self.width, k.shape[3]))
-                        self.values.append(v.new_zeros(len(rows), v.shape[1], self.width, v.shape[3]))
+                self._allocate(stem_kv)  # (already done unless every prefix is a stem)
                 for (k, v), ks, vs in zip(stem_kv, self.keys, self.values, strict=True):
                     ks[:, :, :Ms] = k.index_select(0, row_g.to(k.device))
                     vs[:, :, :Ms] = v.index_select(0, row_g.to(v.device))
