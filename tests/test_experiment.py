@@ -97,7 +97,13 @@ def test_report_of_a_run_in_progress(finished: Path, tmp_path: Path) -> None:
     res = load_results(run, partial=True)
     assert res["partial"] and res["edits"] == 3 and res["edits_applied"] == 6
     assert res["command"].startswith("rlsedit run")  # from invocations.json
-    assert res["post"] == json.loads((finished / "checkpoints" / "000003.json").read_text())["summary"]
+    ck = json.loads((finished / "checkpoints" / "000003.json").read_text())["summary"]
+    gen = json.loads((finished / "generation" / "000003.json").read_text())["summary"]
+    assert res["post"] == {**ck, **gen}  # the checkpoint's scores and the fluency measured there
+    assert (
+        res["pre"]["fluency"]
+        == json.loads((finished / "generation" / "pre.json").read_text())["summary"]["fluency"]
+    )
     assert cli.main(["report", str(finished), str(run), "--out", str(tmp_path / "rep"), "--partial"]) == 0
     text = (tmp_path / "rep" / "REPORT.md").read_text()
     assert "3 (in progress: 6 of 6 applied)" in text
@@ -149,6 +155,16 @@ def test_run_reports_fluency_and_objective(finished: Path) -> None:
         assert res[part]["consistency"] is None and "consistency_note" in res[part]
     gen = json.loads((finished / "generation" / "post.json").read_text())
     assert len(gen["records"]) == 6 and gen["state"]["batches"] == 2
+    # fluency at the checkpoint too: the same cases, on the model after 3 edits
+    mid = json.loads((finished / "generation" / "000003.json").read_text())
+    assert mid["edits"] == 3 and mid["state"]["batches"] == 1
+    assert [r["case_id"] for r in mid["records"]] == [r["case_id"] for r in gen["records"]]
+    (ck,) = res["checkpoints"]
+    assert ck["summary"]["fluency"] == mid["summary"]["fluency"] == ck["generation"]["fluency"]
+    assert (
+        ck["summary"]["efficacy"]
+        == json.loads((finished / "checkpoints" / "000003.json").read_text())["summary"]["efficacy"]
+    )
     for b in json.loads((finished / "batches.json").read_text()):
         terms = b["objective"]
         assert set(terms) == {"2", "3"}
@@ -353,11 +369,43 @@ def test_stop_after_leaves_a_resumable_run(finished: Path, model_dir: Path, tmp_
     assert not (out / "results.json").exists()
     assert [b["batch_id"] for b in json.loads((out / "batches.json").read_text())] == [0]
     assert (out / "checkpoints" / "000003.json").exists()
+    gen = out / "generation" / "000003.json"
+    stamp = gen.stat().st_mtime_ns
     assert cli.main([*argv, "--stop-after", "3"]) == 0  # already there: applies nothing more
     assert len(json.loads((out / "batches.json").read_text())) == 1
+    assert gen.stat().st_mtime_ns == stamp  # nor generates again
     with pytest.raises(SystemExit):
         cli.main([*argv, "--stop-after", "0"])
     assert cli.main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     assert [b["batch_id"] for b in res["batches"]] == [0, 1]
     assert res["post"] == json.loads((finished / "results.json").read_text())["post"]
+
+
+def test_stop_between_checkpoints_measures_fluency_there(
+    finished: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    """A stream stopped where no checkpoint falls is still generated from at that point (the same cases as
+    before editing), so a long run cut by a session has a post-edit fluency; --partial reports it."""
+    out = tmp_path / "cut"
+    argv = ["run", "--model", str(model_dir), "--split", "tune", "--edits", "6", "--batch-size", "3"]
+    argv += [
+        "--eval-every",
+        "0",
+        "--fluency",
+        "2",
+        "--out",
+        str(out),
+        "--stats",
+        str(finished.parent / "stats"),
+    ]
+    for k, v in SETTINGS.items():
+        argv += ["--set", f"{k}={json.dumps(v)}"]
+    assert cli.main([*argv, "--stop-after", "3"]) == 0
+    assert not list((out / "checkpoints").glob("*.json"))
+    pre = json.loads((out / "generation" / "pre.json").read_text())
+    cut = json.loads((out / "generation" / "000003.json").read_text())
+    assert cut["edits"] == 3 and cut["state"]["batches"] == 1 and cut["summary"]["generation_n"] == 2
+    assert [r["case_id"] for r in cut["records"]] == [r["case_id"] for r in pre["records"]]
+    res = load_results(out, partial=True)
+    assert res["pre"]["fluency"] == pre["summary"]["fluency"]  # before the stream's end scores the cases

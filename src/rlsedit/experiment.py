@@ -8,6 +8,7 @@ Layout of an experiment folder ``out``::
     batches.json         the report of every applied batch (timings, residuals; RLSEdit: objective terms)
     checkpoints/N.json   scores after N edits (all edited cases so far, and the earliest ones)
     generation/pre.json  CounterFact fluency / consistency of the unedited model (spec.fluency cases)
+    generation/N.json    the same after N edits: at each checkpoint, and where ``stop_after`` stopped a stream
     generation/post.json the same after the last batch
     capability/pre.json  general capability before editing (spec.capability), capability/N.json after N
     post.json            per-case scores after the last batch and their summary
@@ -45,6 +46,7 @@ __all__ = [
     "DATASETS",
     "ExperimentSpec",
     "evaluate_run",
+    "load_checkpoints",
     "run_experiment",
     "summarize_cases",
     "unedited_records",
@@ -275,6 +277,40 @@ def _generation(model, tok, cases: list[Case], consistency_dir: str | None) -> d
     }
 
 
+def _generation_at(
+    out: Path, done: int, editor: Any, model, tok, cases: list[Case], spec: ExperimentSpec
+) -> dict[str, Any]:
+    """``generation/<done>.json``: fluency / consistency of the model as it is after ``done`` edits (the
+    same cases as ``generation/pre.json``), computed once for this editor state."""
+    path = out / "generation" / f"{done:06d}.json"
+    if not path.exists():
+        log.info("generating after %d edits (%d cases)", done, len(cases))
+    res = _once(
+        path,
+        lambda: {"edits": done, **_generation(model, tok, cases, spec.consistency_dir)},
+        _state_key(editor),
+    )
+    log.info("fluency after %d edits: %s", done, _fmt({**res["summary"], "n": len(cases)}))
+    return res
+
+
+def load_checkpoints(out: str | Path) -> list[dict[str, Any]]:
+    """The checkpoints of experiment folder ``out`` (``checkpoints/N.json``) in order of edits. Where the
+    stream was also generated from at that point (``generation/N.json``), its summary (fluency,
+    consistency, ``generation_n``) is merged into the checkpoint's ``summary`` and kept whole under
+    ``"generation"``."""
+    out = Path(out)
+    cks = []
+    for p in sorted((out / "checkpoints").glob("[0-9]*.json")):
+        ck = load_json(p)
+        gen = out / "generation" / p.name
+        if gen.exists():
+            g = load_json(gen)["summary"]
+            ck = {**ck, "summary": {**ck["summary"], **g}, "generation": g}
+        cks.append(ck)
+    return cks
+
+
 def _capability(model, tok, config: dict[str, Any]) -> dict[str, Any]:
     from rlsedit.eval.capability import evaluate_capability
 
@@ -414,10 +450,10 @@ def run_experiment(
         (out / "checkpoints").mkdir(exist_ok=True)
         chunks = [cases[i : i + spec.batch_size] for i in range(0, len(cases), spec.batch_size)]
         done = 0
-        stopped = False
+        stopped_at: int | None = None  # the index of the first chunk not applied, if stopped
         for k, chunk in enumerate(chunks):
             if stop_after is not None and done >= stop_after:
-                stopped = True
+                stopped_at = k
                 break
             rep = editor.edit([c.request for c in chunk])
             done += len(chunk)
@@ -447,11 +483,15 @@ def run_experiment(
                 scores = _checkpoint(model, tok, spec, cases[:done])
                 save_json(ck, scores)
                 log.info("checkpoint at %d edits: %s", done, _fmt(scores["summary"]))
+            if at_checkpoint and gen_cases and at_head:
+                _generation_at(out, done, editor, model, tok, gen_cases, spec)
             cap_ck = out / "capability" / f"{done:06d}.json"
             if at_checkpoint and spec.capability is not None and not cap_ck.exists() and at_head:
                 log.info("general capability after %d edits", done)
                 save_json(cap_ck, {"edits": done, **_capability(model, tok, spec.capability)})
-    if stopped:
+    if stopped_at is not None:
+        if gen_cases and len(editor.batches) == stopped_at:  # the model holds exactly the first `done` edits
+            _generation_at(out, done, editor, model, tok, gen_cases, spec)
         log.info(
             "stopped after %d of %d edits (%d batches applied); the same command resumes the run",
             done,
@@ -507,7 +547,7 @@ def run_experiment(
             for a, b in zip(pre["records"], post["records"], strict=True)
         ],
     )
-    checkpoints = [load_json(p) for p in sorted((out / "checkpoints").glob("*.json"))]
+    checkpoints = load_checkpoints(out)
     timings, n_timed = timing_sums(reports)
     computed_sums, n_computed = timing_sums(reports, skip_cached_targets=True)
     if command is None and (out / "results.json").exists():

@@ -26,6 +26,8 @@ def load_results(run: str | Path, partial: bool = False) -> dict[str, Any]:
     scores if computed) with ``"partial": True``, ``"edits"`` = the last checkpoint's edits (its summary
     is ``"post"``) and ``"edits_applied"`` = the edits applied so far.
     """
+    from rlsedit.experiment import load_checkpoints
+
     run = Path(run)
     path = run / "results.json"
     if path.exists():
@@ -36,7 +38,7 @@ def load_results(run: str | Path, partial: bool = False) -> dict[str, Any]:
         raise FileNotFoundError(f"{run}: no results.json (has `rlsedit run` finished there?)")
     spec = load_json(run / "spec.json")
     batches = load_json(run / "batches.json") if (run / "batches.json").exists() else []
-    cks = [load_json(p) for p in sorted((run / "checkpoints").glob("*.json"))]
+    cks = load_checkpoints(run)
     cap_dir = run / "capability"
     capability = None
     if (cap_dir / "pre.json").exists():
@@ -46,7 +48,7 @@ def load_results(run: str | Path, partial: bool = False) -> dict[str, Any]:
         }
     pre = load_json(run / "pre.json")["summary"] if (run / "pre.json").exists() else {}
     gen_pre = run / "generation" / "pre.json"
-    if pre and gen_pre.exists():
+    if gen_pre.exists():  # the unedited model's fluency, even before its case scores exist
         pre = {**pre, **load_json(gen_pre)["summary"]}
     invocations = load_json(run / "invocations.json") if (run / "invocations.json").exists() else []
     return {
@@ -211,13 +213,17 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
             if isinstance(v, dict) and "accuracy" in v
         }
     )
-    panels = ["perplexity", *tasks]
+    # fluency (generated text, from the metric summaries) beside perplexity where the runs measured it
+    fluency = any(v.get("fluency") is not None for r in results for _, v in _metric_points(r))
+    panels = ["perplexity", *(["fluency"] if fluency else []), *tasks]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0), squeeze=False)
     drawn = False
     for r in results:
         pts = _capability_points(r)
         for ax, name in zip(axes[0], panels, strict=True):
-            if name == "perplexity":
+            if name == "fluency":
+                xy = [(e, v["fluency"]) for e, v in _metric_points(r) if v.get("fluency") is not None]
+            elif name == "perplexity":
                 xy = [(e, c["perplexity"]["perplexity"]) for e, c in pts if "perplexity" in c]
             else:
                 xy = [(e, c[name]["accuracy"]) for e, c in pts if name in c]
@@ -228,10 +234,11 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
                 if name != "perplexity" and chance is not None:
                     ax.axhline(chance, color="grey", lw=0.8, ls=":")
     for ax, name in zip(axes[0], panels, strict=True):
-        ax.set(title=name + ("" if name == "perplexity" else " accuracy %"), xlabel="edits")
+        ax.set(title=name + ("" if name in ("perplexity", "fluency") else " accuracy %"), xlabel="edits")
         ax.grid(alpha=0.3)
-    if drawn:
-        axes[0][0].legend(fontsize=6)
+    labelled = [ax for ax in axes[0] if ax.get_legend_handles_labels()[1]]
+    if labelled:
+        labelled[0].legend(fontsize=6)
     _save(plt, fig, out / "capability.png", drawn, written)
     # 4. the objective's terms per layer over the stream (RLSEdit runs)
     terms = ("fit_batch", "fit_total", "dist_w0", "anchor")
