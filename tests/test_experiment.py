@@ -409,3 +409,8 @@ def test_stop_between_checkpoints_measures_fluency_there(
     assert [r["case_id"] for r in cut["records"]] == [r["case_id"] for r in pre["records"]]
     res = load_results(out, partial=True)
     assert res["pre"]["fluency"] == pre["summary"]["fluency"]  # before the stream's end scores the cases
+    saved = {k: v for k, v in json.loads((out / "spec.json").read_text()).items() if k != "format"}
+    spec = ExperimentSpec(**saved)
+    again = run_experiment(spec, out, stats_dir=finished.parent / "stats", stop_after=3)  # applies nothing
+    assert again["stopped_after"] == 3 and again["partial"] and again["edits_applied"] == 3
+    assert again["pre"] == res["pre"] and again["checkpoints"] == []

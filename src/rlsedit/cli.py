@@ -391,9 +391,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         stop_after=args.stop_after,
     )
     if res.get("stopped_after") is not None:
+        rows = [("before editing", res["pre"])] if res["pre"] else []
+        if res["checkpoints"]:
+            rows.append((f"after {res['edits']} edits", res["post"]))
+        if rows:
+            _print_summaries(rows)
         _out(
-            f"stopped after {res['stopped_after']} of {res['edits']} edits; the same command (without "
-            f"--stop-after, or with a larger one) resumes the run: {args.out}"
+            f"stopped after {res['stopped_after']} of {res['spec']['edits']} edits; the same command "
+            f"(without --stop-after, or with a larger one) resumes the run: {args.out}"
         )
         return 0
     _print_summaries([("before editing", res["pre"]), (f"after {res['edits']} edits", res["post"])])

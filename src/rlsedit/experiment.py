@@ -388,9 +388,11 @@ def run_experiment(
     """Run (or resume) the experiment ``spec`` in folder ``out``; return the results dict.
 
     ``stop_after``: stop once this many edits are applied (and their checkpoint, if one falls there, is
-    scored), leaving the run resumable; the returned dict is then ``{"stopped_after": n, "edits": N,
-    "partial": True}`` and no final scoring is done. A stream that is already further along is not
-    rolled back: the call just stops before applying anything more.
+    scored), leaving the run resumable; no final scoring is done, and the returned dict is then what
+    :func:`rlsedit.report.load_results` assembles of a run in progress (``"partial": True``, ``"post"`` the
+    last checkpoint's summary, ``"edits"`` its edits) plus ``"stopped_after"``, the edits applied. A
+    stream that is already further along is not rolled back: the call just stops before applying
+    anything more.
 
     A folder holding a different spec is refused (start a new folder instead). ``targets_cache``: a
     folder where optimised targets are kept and reused for exactly the same model state and requests
@@ -498,7 +500,9 @@ def run_experiment(
             len(cases),
             len(editor.batches),
         )
-        return {"stopped_after": done, "edits": len(cases), "partial": True}
+        from rlsedit.report import load_results
+
+        return {**load_results(out, partial=True), "stopped_after": done}
 
     key = _state_key(editor)
     log.info("scoring the edited model on %d cases", len(cases))
