@@ -119,9 +119,10 @@ def bench_update_vs_history(
 ) -> dict[str, Any]:
     """Time :func:`rls_step` for ``n_batches`` consecutive batches of ``u`` synthetic edits.
 
-    With ``double_buffer`` (the editor's way) ``C_next`` is written into a spare matrix and the old ``C``
-    becomes the next spare, so no ``(d_k, d_k)`` matrix is allocated per batch; without it every call
-    allocates a fresh ``C_next`` (and pays its page faults: ~25% of a step at ``d_k = 14336``).
+    With ``double_buffer`` (the editor's way) ``C_next`` and ``A_next`` are written into spare matrices and
+    the old ``C`` and ``A`` become the next spares, so no ``(d_k, d_k)`` matrix is allocated per batch;
+    without it every call allocates fresh ones (and pays their page faults: ~25% of a step at
+    ``d_k = 14336``).
 
     Each batch is timed ``repeats`` times from the same state (``rls_step`` is pure) and the median kept;
     the state then advances with the last result. One untimed call precedes batch 1. The editor's
@@ -144,6 +145,7 @@ def bench_update_vs_history(
     A = prob.anchor()
     # double buffering, as the editor does: C_next goes into the spare matrix, the old C becomes the spare
     spare = torch.empty_like(C) if double_buffer else None
+    a_spare = torch.empty_like(A) if double_buffer else None  # the same for A_t = A_{t-1} + K K^T
     rows: list[dict[str, Any]] = []
     for t in range(n_batches):
         K, V = prob.batch(t, W)
@@ -162,7 +164,11 @@ def bench_update_vs_history(
         if double_buffer:
             spare = C
         C, W = result
-        a_seconds, A = timed(lambda A=A, K=K: torch.addmm(A, K, K.mT), device)
+        if double_buffer:
+            a_seconds, A_next = timed(lambda A=A, K=K, out=a_spare: torch.addmm(A, K, K.mT, out=out), device)
+            a_spare, A = A, A_next
+        else:
+            a_seconds, A = timed(lambda A=A, K=K: torch.addmm(A, K, K.mT), device)
         rows.append(
             {
                 "batch": t + 1,

@@ -387,7 +387,8 @@ def section_update_vs_history(ctx: Context) -> Section:
         "At Llama-3-8B dimensions only a few batches run: the cost of a batch depends on d_k, d_v and u, "
         "not on the number of edits behind C_t, which the SmolLM2-size run shows over 10,000 edits.",
         "The RLSEdit editor also accumulates A_t = A_{t-1} + K K^T (for drift checks and retraction; "
-        "O(d_k^2 u) per batch, timed above) and every `drift_check_every` (default 10) batches computes "
+        "O(d_k^2 u) per batch, timed above, double-buffered like C) and every `drift_check_every` "
+        "(default 10) batches computes "
         "||A_t C_t - I|| in float64: exactly (an O(d_k^3) product) up to d_k = 4096 "
         "(`drift_exact_max`), above that estimated from 32 random probes (`rlsedit.linalg.drift_estimate`, "
         "O(d_k^2) per probe); the last column amortises the check the editor uses over 10 batches. "

@@ -50,6 +50,9 @@ def test_update_vs_history_structure() -> None:
     # the carried C stays the inverse of the accumulated A: the timed updates are the real recursion
     assert r["drift"] < 1e-10
     json.dumps(r)
+    # double buffering (C and A written into spares, as the editor does) follows the same recursion
+    fresh = bench_linalg.bench_update_vs_history(24, 6, u=3, n_batches=5, repeats=1, double_buffer=False)
+    assert fresh["drift"] == pytest.approx(r["drift"], abs=1e-12) and not fresh["double_buffer"]
 
 
 def test_update_vs_resolve_structure_and_agreement() -> None:
