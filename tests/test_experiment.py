@@ -107,6 +107,10 @@ def test_report_of_a_run_in_progress(finished: Path, tmp_path: Path) -> None:
     assert cli.main(["report", str(finished), str(run), "--out", str(tmp_path / "rep"), "--partial"]) == 0
     text = (tmp_path / "rep" / "REPORT.md").read_text()
     assert "3 (in progress: 6 of 6 applied)" in text
+    # the table over the stream: the unedited fluency (0) and the checkpoint at 3 edits, with its fluency
+    rows = [line for line in text.splitlines() if line.startswith("| in-progress |")]
+    assert [line.split(" | ")[2] for line in rows] == ["3 (in progress: 6 of 6 applied)", "0 (unedited)", "3"]
+    assert f"{gen['fluency']:.1f}" in rows[2] and f"{ck['efficacy']:.1f}" in rows[2]
     for fig in ("metrics", "objective", "stream"):
         assert (tmp_path / "rep" / f"{fig}.png").stat().st_size > 0, fig
     assert not (tmp_path / "rep" / "retention.png").exists()  # no retention slice below 3 edits here

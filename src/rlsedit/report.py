@@ -102,7 +102,8 @@ def results_table(results: Sequence[dict[str, Any]], label_keys: Sequence[str] =
     for r in results:
         spec = r["spec"]
         pre_key = f"{spec['model']}:{spec['split']}:{spec['offset']}:{r['edits']}"
-        if pre_key not in seen_pre and r.get("pre"):
+        # the unedited model's case scores (a run in progress may have only its fluency: not a row here)
+        if pre_key not in seen_pre and any(r.get("pre", {}).get(m) is not None for m in _METRICS):
             seen_pre.add(pre_key)
             pre = r["pre"]
             row = ["unedited", "-", str(r["edits"]), *["" for _ in label_keys]]
@@ -123,6 +124,48 @@ def results_table(results: Sequence[dict[str, Any]], label_keys: Sequence[str] =
         row += [_cell(post.get(m)) for m in (*_METRICS, "fluency")]
         row += [_cell(per.get(k), 2) for k in _TIMES]
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _triple(summary: dict[str, Any] | None) -> str:
+    if not summary:
+        return "-"
+    return " / ".join(_cell(summary.get(m)) for m in _METRICS)
+
+
+def checkpoint_table(results: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of every run's scores over its stream: one row per point where it was measured
+    (0 = the unedited model's fluency and capability, each checkpoint, the end of a finished run), with
+    the summary's efficacy / generalization / specificity, the retention slices (the earliest edits
+    re-scored there), fluency, WikiText-2 perplexity and the zero-shot accuracies."""
+    sizes = sorted(
+        {int(k) for r in results for c in r.get("checkpoints", []) for k in c.get("retention", {})}
+    )
+    tasks = sorted(
+        {
+            k
+            for r in results
+            for _, c in _capability_points(r)
+            for k, v in c.items()
+            if isinstance(v, dict) and "accuracy" in v
+        }
+    )
+    head = ["run", "method", "edits", *_METRICS, *(f"first {n:,} (eff / gen / spec)" for n in sizes)]
+    head += ["fluency", "perplexity", *tasks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        scores = dict(_metric_points(r))
+        retention = {c["edits"]: c.get("retention", {}) for c in r.get("checkpoints", [])}
+        capability = dict(_capability_points(r))
+        for e in sorted({*scores, *capability}):
+            s, cap = scores.get(e, {}), capability.get(e, {})
+            row = [Path(r["_dir"]).name, r["spec"]["method"], f"{e:,}" if e else "0 (unedited)"]
+            row += [_cell(s.get(m)) for m in _METRICS]
+            row += [_triple(retention.get(e, {}).get(str(n))) for n in sizes]
+            ppl = cap.get("perplexity", {}).get("perplexity")
+            row += [_cell(s.get("fluency")), _cell(ppl, 2)]
+            row += [_cell(cap[t]["accuracy"]) if t in cap else "-" for t in tasks]
+            lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -316,6 +359,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     figures = _plot(results, out) if plots else []
     text = ["# rlsedit report", "", results_table(results, label_keys)]
+    text += ["Over the stream (checkpoints; 0 = before editing):", "", checkpoint_table(results)]
     text += [
         "Seconds per edit are totals of the batches' timings divided by the edits applied, over the batches "
         "whose targets were optimised in the run (batches whose targets came from a shared "
