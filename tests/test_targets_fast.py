@@ -182,7 +182,7 @@ def test_chunk_loss_matches_per_row_terms() -> None:
             ref_kl += (p0.exp() * (p0 - lp[0])).sum()
     for i in chunk:
         assert torch.allclose(nll[i], ref_nll[i], rtol=1e-5, atol=1e-6)
-    assert float(ref_kl.detach()) > 1e-3  # requests 1 and 3 have a reference other than their own distribution
+    assert float(ref_kl.detach()) > 1e-3  # requests 1 and 3 have a reference other than their own
     assert torch.allclose(loss, 0.25 * ref_kl, rtol=1e-5, atol=1e-6)
     assert all(t is not None for t in kl_init)
 
