@@ -164,11 +164,10 @@ def bench_update_vs_history(
         if double_buffer:
             spare = C
         C, W = result
+        a_seconds, A_next = timed(lambda A=A, K=K, out=a_spare: torch.addmm(A, K, K.mT, out=out), device)
         if double_buffer:
-            a_seconds, A_next = timed(lambda A=A, K=K, out=a_spare: torch.addmm(A, K, K.mT, out=out), device)
-            a_spare, A = A, A_next
-        else:
-            a_seconds, A = timed(lambda A=A, K=K: torch.addmm(A, K, K.mT), device)
+            a_spare = A
+        A = A_next
         rows.append(
             {
                 "batch": t + 1,
