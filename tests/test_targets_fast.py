@@ -32,6 +32,10 @@ LAYER = 1
 #: gradients, whose Adam-normalised steps amplify float rounding)
 OVERRIDES = {"initializer_range": 0.3}
 RTOL = 1e-4
+# z is looser: Adam's normalised step moves even along directions whose gradient is float noise, so
+# where the loss is flat the two paths' float order moves z by up to ~2e-4 relative (qwen2's tiny model,
+# 2 threads; the NLLs still agree to ~1e-7). A real difference between the paths is orders larger.
+Z_RTOL = 1e-3
 #: architectures with a norm after the MLP output (the delta does not add to the block output there)
 POST_MLP_NORM = {"olmo2", "gemma2", "gemma3_text", "gemma3"}
 
@@ -51,7 +55,7 @@ def _assert_same(slow: TargetResult, fast: TargetResult) -> None:
     assert fast.extra["fast"] is True and slow.extra["fast"] is False
     assert torch.equal(fast.steps, slow.steps)
     assert _rel(slow.h0, fast.h0) < RTOL
-    assert _rel(slow.z, fast.z) < RTOL
+    assert _rel(slow.z, fast.z) < Z_RTOL
     assert _rel(slow.nll_init[:, None], fast.nll_init[:, None]) < RTOL
     assert _rel(slow.nll_final[:, None], fast.nll_final[:, None]) < RTOL
 
