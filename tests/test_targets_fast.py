@@ -32,9 +32,9 @@ LAYER = 1
 #: gradients, whose Adam-normalised steps amplify float rounding)
 OVERRIDES = {"initializer_range": 0.3}
 RTOL = 1e-4
-# z is looser: Adam's normalised step moves even along directions whose gradient is float noise, so
-# where the loss is flat the two paths' float order moves z by up to ~2e-4 relative (qwen2's tiny model,
-# 2 threads; the NLLs still agree to ~1e-7). A real difference between the paths is orders larger.
+#: z is looser: Adam's normalised step moves even along directions whose gradient is float noise, so
+#: where the loss is flat the two paths' float order moves z by up to ~2e-4 relative (qwen2's tiny model,
+#: 2 threads; the NLLs still agree to ~1e-7). A real difference between the paths is orders larger.
 Z_RTOL = 1e-3
 #: architectures with a norm after the MLP output (the delta does not add to the block output there)
 POST_MLP_NORM = {"olmo2", "gemma2", "gemma3_text", "gemma3"}

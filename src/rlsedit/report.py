@@ -277,10 +277,11 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
                 if name != "perplexity" and chance is not None:
                     ax.axhline(chance, color="grey", lw=0.8, ls=":")
     for ax, name in zip(axes[0], panels, strict=True):
-        ax.set(title=name + ("" if name in ("perplexity", "fluency") else " accuracy %"), xlabel="edits")
+        title = name + ("" if name in ("perplexity", "fluency") else " accuracy %")
         if name == "perplexity" and ax.lines:
             ax.set_yscale("log")  # a collapsed model's perplexity (thousands) would flatten the others
-            ax.set_title("perplexity (log scale)")
+            title += " (log scale)"
+        ax.set(title=title, xlabel="edits")
         ax.grid(alpha=0.3)
     labelled = [ax for ax in axes[0] if ax.get_legend_handles_labels()[1]]
     if labelled:
