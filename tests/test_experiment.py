@@ -418,3 +418,25 @@ def test_stop_between_checkpoints_measures_fluency_there(
     again = run_experiment(spec, out, stats_dir=finished.parent / "stats", stop_after=3)  # applies nothing
     assert again["stopped_after"] == 3 and again["partial"] and again["edits_applied"] == 3
     assert again["pre"] == res["pre"] and again["checkpoints"] == []
+
+
+def test_by_position_slices_a_finished_run(finished: Path, capsys: pytest.CaptureFixture) -> None:
+    """experiments/by_position.py: one slice of every case is the run's post-edit summary; slices of 3
+    cover the stream in order; a folder without cases.jsonl is refused."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "by_position.py"
+    mod_spec = importlib.util.spec_from_file_location("by_position", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    res = json.loads((finished / "results.json").read_text())
+    (whole,) = mod.by_position(finished, 6)
+    for m in ("efficacy", "generalization", "specificity", "n"):
+        assert whole[m] == pytest.approx(res["post"][m])
+    parts = mod.by_position(finished, 4)
+    assert [(p["first"], p["last"]) for p in parts] == [(1, 4), (5, 6)]
+    assert sum(p["n"] for p in parts) == res["post"]["n"]
+    assert mod.main([str(finished), "--every", "3"]) == 0
+    assert "| 1-3 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        mod.main([str(finished.parent / "stats")])
