@@ -440,3 +440,30 @@ def test_by_position_slices_a_finished_run(finished: Path, capsys: pytest.Captur
     assert "| 1-3 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         mod.main([str(finished.parent / "stats")])
+
+
+def test_pace_estimates_the_editing_left() -> None:
+    from rlsedit.experiment import _Pace
+
+    pace = _Pace(1000)
+    assert pace.left(0) == ""  # nothing timed yet: no estimate
+    pace.add(100, 600.0)  # 6 s per edit
+    assert pace.left(100) == ", ~90 min of editing left"
+    pace.add(100, 1200.0)  # the mean of this invocation's chunks: 9 s per edit
+    assert pace.left(200) == ", ~120 min of editing left"
+    assert pace.left(1000) == ""  # the end: nothing left
+
+
+def test_batch_log_lines_count_the_stream(
+    model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import re
+
+    spec = ExperimentSpec(model=str(model_dir), split="tune", edits=6, batch_size=2, overrides=dict(SETTINGS))
+    with caplog.at_level(logging.INFO, logger="rlsedit.experiment"):
+        run_experiment(spec, tmp_path / "run", stats_dir=tmp_path / "stats", stop_after=4)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("batch ")]
+    assert len(lines) == 2
+    assert re.match(r"batch 0 \(2 of 6 edits, ~\d+ min of editing left\): targets ", lines[0])
+    assert lines[1].startswith("batch 1 (4 of 6 edits): ")  # the stop: nothing left to estimate

@@ -203,6 +203,25 @@ def unedited_records(
     return [known[c.case_id] for c in cases]
 
 
+class _Pace:
+    """The editing pace of one invocation of a stream, for the remaining time its log lines give."""
+
+    def __init__(self, end: int) -> None:
+        self.end = end  # the edits this invocation stops at
+        self.edits = 0
+        self.seconds = 0.0
+
+    def add(self, edits: int, seconds: float) -> None:
+        self.edits += edits
+        self.seconds += seconds
+
+    def left(self, done: int) -> str:
+        """``", ~N min of editing left"`` at ``done`` edits (empty before any timed chunk or at the end)."""
+        if self.edits == 0 or done >= self.end:
+            return ""
+        return f", ~{(self.end - done) * self.seconds / self.edits / 60:.0f} min of editing left"
+
+
 def _state_key(editor: Any) -> dict[str, Any]:
     """What identifies the editor's current state (for files computed after the last batch)."""
     last = editor.batches[-1] if editor.batches else None
@@ -453,12 +472,16 @@ def run_experiment(
         chunks = [cases[i : i + spec.batch_size] for i in range(0, len(cases), spec.batch_size)]
         done = 0
         stopped_at: int | None = None  # the index of the first chunk not applied, if stopped
+        pace = _Pace(min(len(cases), stop_after) if stop_after is not None else len(cases))
         for k, chunk in enumerate(chunks):
             if stop_after is not None and done >= stop_after:
                 stopped_at = k
                 break
+            t_chunk = time.perf_counter()
             rep = editor.edit([c.request for c in chunk])
             done += len(chunk)
+            if rep.batches:  # applied now (a resumed run skips the chunks applied before)
+                pace.add(len(chunk), time.perf_counter() - t_chunk)
             objective = _objective(editor) if rep.batches else None
             for b in rep.batches:
                 entry = {"chunk": k, "edits_after": done, **b.to_dict()}
@@ -468,9 +491,12 @@ def run_experiment(
                 reports.append(entry)
                 save_json(batches_path, reports)
                 log.info(
-                    "batch %d (%d edits): targets %.1fs keys %.1fs update %.2fs; residual %.2f -> %.2f",
+                    "batch %d (%d of %d edits%s): targets %.1fs keys %.1fs update %.2fs; "
+                    "residual %.2f -> %.2f",
                     b.batch_id,
                     done,
+                    len(cases),
+                    pace.left(done),
                     b.timings.get("targets", 0.0),
                     b.timings.get("keys", 0.0),
                     b.timings.get("update", 0.0),
