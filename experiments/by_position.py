@@ -3,9 +3,11 @@
 Reads a run's per-case records (``DIR/cases.jsonl``, written when a run scores every case after its
 stream) and summarises the post-edit scores of each slice of ``--every`` consecutive cases with the
 dataset's own summary (superseded cases left out), so a row shows how well the edits of that part of
-the stream survived to the end.
+the stream survived to the end. Several runs of the same stream give one table of ``--metric``: a column
+per run, beside the unedited model's score of the same cases.
 
     python experiments/by_position.py docs/results/runs/memit-zsre --every 100
+    python experiments/by_position.py docs/results/runs/{rlsedit,memit}-zsre --metric generalization
 """
 
 from __future__ import annotations
@@ -17,32 +19,64 @@ from pathlib import Path
 
 from rlsedit.experiment import summarize_cases
 
+METRICS = ("efficacy", "generalization", "specificity")
 
-def by_position(run: str | Path, every: int) -> list[dict]:
-    """Per slice: ``first`` / ``last`` (1-based positions in the stream) and the summary of its cases."""
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "cases.jsonl").read_text().splitlines() if line.strip()]
+
+
+def by_position(run: str | Path, every: int, side: str = "post") -> list[dict]:
+    """Per slice: ``first`` / ``last`` (1-based positions in the stream) and the summary of its cases,
+    scored after the stream (``side="post"``) or by the unedited model (``side="pre"``)."""
     run = Path(run)
     spec = json.loads((run / "spec.json").read_text())
-    rows = [json.loads(line) for line in (run / "cases.jsonl").read_text().splitlines() if line.strip()]
+    rows = _records(run)
     out = []
     for start in range(0, len(rows), every):
         part = rows[start : start + every]
         skip = {r["case_id"] for r in part if r.get("superseded")}
-        summary = summarize_cases(spec["dataset"], [r["post"] for r in part], skip)
+        summary = summarize_cases(spec["dataset"], [r[side] for r in part], skip)
         out.append({"first": start + 1, "last": start + len(part), **summary})
     return out
 
 
+def side_by_side(runs: list[Path], every: int, metric: str) -> str:
+    """A markdown table of ``metric`` by position: the unedited model, then one column per run."""
+    ids = [[r["case_id"] for r in _records(run)] for run in runs]
+    datasets = {json.loads((run / "spec.json").read_text())["dataset"] for run in runs}
+    if len(datasets) > 1 or any(i != ids[0] for i in ids[1:]):
+        raise ValueError("the runs are not of the same stream (dataset and cases in order differ)")
+    cols = [by_position(runs[0], every, "pre")] + [by_position(run, every) for run in runs]
+    names = ["unedited"] + [run.name for run in runs]
+    lines = [f"{metric} by position", "", "| cases | n | " + " | ".join(names) + " |"]
+    lines.append("|---|---|" + "---|" * len(names))
+    for k, row in enumerate(cols[0]):
+        vals = " | ".join(f"{col[k][metric]:.1f}" for col in cols)
+        lines.append(f"| {row['first']}-{row['last']} | {cols[1][k]['n']} | {vals} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", help="a finished run directory (with cases.jsonl)")
+    p.add_argument("runs", nargs="+", metavar="run", help="finished run directories (with cases.jsonl)")
     p.add_argument("--every", type=int, default=100, help="cases per slice (default 100)")
+    p.add_argument("--metric", choices=METRICS, default="efficacy", help="the column of several runs")
     args = p.parse_args(argv)
     if args.every < 1:
         p.error(f"--every must be at least 1, got {args.every}")
-    if not (Path(args.run) / "cases.jsonl").is_file():
-        p.error(f"{args.run} has no cases.jsonl: only a run scored after its whole stream has one")
-    rows = by_position(args.run, args.every)
-    metrics = [k for k in rows[0] if k in ("efficacy", "generalization", "specificity")]
+    runs = [Path(r) for r in args.runs]
+    for run in runs:
+        if not (run / "cases.jsonl").is_file():
+            p.error(f"{run} has no cases.jsonl: only a run scored after its whole stream has one")
+    if len(runs) > 1:
+        try:
+            sys.stdout.write(side_by_side(runs, args.every, args.metric))
+        except ValueError as e:
+            p.error(str(e))
+        return 0
+    rows = by_position(runs[0], args.every)
+    metrics = [k for k in rows[0] if k in METRICS]
     lines = ["| cases | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for r in rows:
         vals = " | ".join(f"{r[m]:.1f}" for m in metrics)

@@ -440,6 +440,23 @@ def test_by_position_slices_a_finished_run(finished: Path, capsys: pytest.Captur
     assert "| 1-3 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         mod.main([str(finished.parent / "stats")])
+    # several runs of one stream: a column per run beside the unedited model's score of the same slice
+    table = mod.side_by_side([finished, finished], 3, "efficacy")
+    pre = mod.by_position(finished, 3, "pre")
+    post = mod.by_position(finished, 3)
+    assert f"| 1-3 | {post[0]['n']} | {pre[0]['efficacy']:.1f} | {post[0]['efficacy']:.1f} |" in table
+    (whole_pre,) = mod.by_position(finished, 6, "pre")  # the unedited model's side: the run's pre-edit row
+    for m in ("efficacy", "generalization", "specificity"):
+        assert whole_pre[m] == pytest.approx(res["pre"][m])
+    assert mod.main([str(finished), str(finished), "--metric", "specificity"]) == 0
+    assert "specificity by position" in capsys.readouterr().out
+    other = finished.parent / "other"  # the same records of another stream (cases in another order)
+    other.mkdir(exist_ok=True)
+    (other / "spec.json").write_text((finished / "spec.json").read_text())
+    lines = (finished / "cases.jsonl").read_text().splitlines()
+    (other / "cases.jsonl").write_text("\n".join(reversed(lines)) + "\n")
+    with pytest.raises(ValueError, match="not of the same stream"):
+        mod.side_by_side([finished, other], 3, "efficacy")
 
 
 def test_pace_estimates_the_editing_left() -> None:
