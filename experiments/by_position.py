@@ -22,32 +22,36 @@ from rlsedit.experiment import summarize_cases
 METRICS = ("efficacy", "generalization", "specificity")
 
 
-def _records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "cases.jsonl").read_text().splitlines() if line.strip()]
+def _load(run: Path) -> tuple[str, list[dict]]:
+    """A run's dataset and per-case records, in stream order."""
+    spec = json.loads((run / "spec.json").read_text())
+    rows = [json.loads(line) for line in (run / "cases.jsonl").read_text().splitlines() if line.strip()]
+    return spec["dataset"], rows
+
+
+def _slices(dataset: str, rows: list[dict], every: int, side: str) -> list[dict]:
+    out = []
+    for start in range(0, len(rows), every):
+        part = rows[start : start + every]
+        skip = {r["case_id"] for r in part if r.get("superseded")}
+        summary = summarize_cases(dataset, [r[side] for r in part], skip)
+        out.append({"first": start + 1, "last": start + len(part), **summary})
+    return out
 
 
 def by_position(run: str | Path, every: int, side: str = "post") -> list[dict]:
     """Per slice: ``first`` / ``last`` (1-based positions in the stream) and the summary of its cases,
     scored after the stream (``side="post"``) or by the unedited model (``side="pre"``)."""
-    run = Path(run)
-    spec = json.loads((run / "spec.json").read_text())
-    rows = _records(run)
-    out = []
-    for start in range(0, len(rows), every):
-        part = rows[start : start + every]
-        skip = {r["case_id"] for r in part if r.get("superseded")}
-        summary = summarize_cases(spec["dataset"], [r[side] for r in part], skip)
-        out.append({"first": start + 1, "last": start + len(part), **summary})
-    return out
+    return _slices(*_load(Path(run)), every, side)
 
 
 def side_by_side(runs: list[Path], every: int, metric: str) -> str:
     """A markdown table of ``metric`` by position: the unedited model, then one column per run."""
-    ids = [[r["case_id"] for r in _records(run)] for run in runs]
-    datasets = {json.loads((run / "spec.json").read_text())["dataset"] for run in runs}
-    if len(datasets) > 1 or any(i != ids[0] for i in ids[1:]):
+    loaded = [_load(run) for run in runs]
+    ids = [[r["case_id"] for r in rows] for _, rows in loaded]
+    if len({dataset for dataset, _ in loaded}) > 1 or any(i != ids[0] for i in ids[1:]):
         raise ValueError("the runs are not of the same stream (dataset and cases in order differ)")
-    cols = [by_position(runs[0], every, "pre")] + [by_position(run, every) for run in runs]
+    cols = [_slices(*loaded[0], every, "pre")] + [_slices(*run, every, "post") for run in loaded]
     names = ["unedited"] + [run.name for run in runs]
     lines = [f"{metric} by position", "", "| cases | n | " + " | ".join(names) + " |"]
     lines.append("|---|---|" + "---|" * len(names))

@@ -472,16 +472,21 @@ def run_experiment(
         chunks = [cases[i : i + spec.batch_size] for i in range(0, len(cases), spec.batch_size)]
         done = 0
         stopped_at: int | None = None  # the index of the first chunk not applied, if stopped
-        pace = _Pace(min(len(cases), stop_after) if stop_after is not None else len(cases))
+        # a stop falls at the end of the chunk that reaches stop_after
+        end = (
+            len(cases)
+            if stop_after is None
+            else min(len(cases), -(-stop_after // spec.batch_size) * spec.batch_size)
+        )
+        pace = _Pace(end)
         for k, chunk in enumerate(chunks):
             if stop_after is not None and done >= stop_after:
                 stopped_at = k
                 break
-            t_chunk = time.perf_counter()
             rep = editor.edit([c.request for c in chunk])
             done += len(chunk)
             if rep.batches:  # applied now (a resumed run skips the chunks applied before)
-                pace.add(len(chunk), time.perf_counter() - t_chunk)
+                pace.add(len(chunk), rep.seconds())
             objective = _objective(editor) if rep.batches else None
             for b in rep.batches:
                 entry = {"chunk": k, "edits_after": done, **b.to_dict()}
