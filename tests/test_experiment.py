@@ -471,6 +471,19 @@ def test_pace_estimates_the_editing_left() -> None:
     assert pace.left(1000) == ""  # the end: nothing left
 
 
+def test_batch_log_names_the_editors_own_steps() -> None:
+    from rlsedit.editors.base import BatchReport
+    from rlsedit.experiment import _steps
+
+    closed_form = BatchReport(batch_id=0, n_requests=100, residual_before=23.1, residual_after=4.2)
+    closed_form.timings = {"targets": 140.25, "keys": 11.0, "update": 0.213, "save": 0.4, "total": 152.0}
+    assert _steps(closed_form) == "targets 140.2s keys 11.0s update 0.21s save 0.40s; residual 23.10 -> 4.20"
+    # FT optimises the weights directly: its own step name, and no residual (NaN) in place of a figure
+    ft = BatchReport(batch_id=3, n_requests=100)
+    ft.timings = {"finetune": 450.31, "keys": 0.0, "update": 0.012, "total": 450.4}
+    assert _steps(ft) == "finetune 450.3s keys 0.00s update 0.01s"
+
+
 def test_batch_log_lines_count_the_stream(
     model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
