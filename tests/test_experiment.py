@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -457,6 +458,66 @@ def test_by_position_slices_a_finished_run(finished: Path, capsys: pytest.Captur
     (other / "cases.jsonl").write_text("\n".join(reversed(lines)) + "\n")
     with pytest.raises(ValueError, match="not of the same stream"):
         mod.side_by_side([finished, other], 3, "efficacy")
+
+
+def test_same_command_reproduces_a_run_value_for_value(
+    finished: Path,
+    model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """experiments/compare_runs.py: the stream of `finished` run again into another folder gives the same
+    scores, batch reports and per-case records (timings aside); a changed score and a missing checkpoint are
+    found; --prefix compares a run still going with its part of a longer one."""
+    import importlib.util
+    import shutil
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "compare_runs.py"
+    mod_spec = importlib.util.spec_from_file_location("compare_runs", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    monkeypatch.setitem(sys.modules, "compare_runs", mod)  # its dataclass looks its module up there
+    mod_spec.loader.exec_module(mod)
+
+    again = tmp_path / "again"  # the command of the `finished` fixture, another --out
+    argv = ["run", "--model", str(model_dir), "--split", "tune", "--edits", "6", "--batch-size", "3"]
+    argv += ["--eval-every", "3", "--out", str(again), "--stats", str(finished.parent / "stats")]
+    for k, v in SETTINGS.items():
+        argv += ["--set", f"{k}={json.dumps(v)}"]
+    assert cli.main(argv) == 0
+    cmp = mod.compare_runs(finished, again)
+    assert cmp.same and cmp.values > 100, cmp.differences[:5]
+    assert {"results.json", "cases.jsonl", "batches.json", "checkpoints/000003.json"} <= set(cmp.files)
+    assert mod.main([str(finished), str(again)]) == 0
+    assert "same" in capsys.readouterr().out
+
+    # one changed score is found, with its place; timings are not compared
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    res = json.loads((copy / "results.json").read_text())
+    res["post"]["efficacy"] += 1.0
+    res["timings"]["seconds"] = -1.0
+    (copy / "results.json").write_text(json.dumps(res))
+    cmp = mod.compare_runs(finished, copy)
+    assert [(f, p) for f, p, _, _ in cmp.differences] == [("results.json", "post.efficacy")]
+    assert mod.compare_runs(finished, copy, rtol=0.5).same  # within a relative tolerance
+    assert mod.main([str(finished), str(copy)]) == 1
+    assert "results.json post.efficacy" in capsys.readouterr().out
+
+    # a run at an earlier point of the stream: different, unless only the common part is compared
+    part = tmp_path / "part"
+    shutil.copytree(finished, part)
+    for name in ("results.json", "cases.jsonl", "checkpoints/000003.json"):
+        (part / name).unlink()
+    batches = json.loads((part / "batches.json").read_text())
+    (part / "batches.json").write_text(json.dumps(batches[:1]))
+    assert not mod.compare_runs(finished, part).same
+    cmp = mod.compare_runs(finished, part, prefix=True)
+    assert cmp.same and cmp.truncated == {"batches.json": (2, 1)} and "results.json" in cmp.only_a
+
+    with pytest.raises(SystemExit):  # not a run folder
+        mod.main([str(finished), str(tmp_path)])
+    assert mod.main([str(finished), str(again), "--rtol", "0"]) == 0
 
 
 def test_pace_estimates_the_editing_left() -> None:
