@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlsedit.store import CorruptStateError, load_json
+
 #: Keys whose values legitimately differ between two runs of the same experiment.
 IGNORED_KEYS = frozenset({"seconds", "timings", "memory", "targets_cached", "command"})
 #: Files not compared at all (the command lines that made or resumed the run).
@@ -66,10 +68,9 @@ def _files(run: Path) -> dict[str, Path]:
 
 
 def _load(path: Path) -> Any:
-    text = path.read_text()
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    return json.loads(text)
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return load_json(path)
 
 
 def _equal(a: Any, b: Any, rtol: float) -> bool:
@@ -113,7 +114,7 @@ def compare_runs(a: str | Path, b: str | Path, *, rtol: float = 0.0, prefix: boo
 
     ``rtol`` is the relative tolerance of numbers (0: exact). With ``prefix`` files present in one run
     only are skipped and stream files (``batches.json``, ``cases.jsonl``) compared on their common part.
-    Raises ``ValueError`` when a folder is not a run."""
+    Raises ``ValueError`` when a folder is not a run, ``CorruptStateError`` for an unreadable JSON file."""
     if rtol < 0:
         raise ValueError(f"rtol must be >= 0, got {rtol}")
     fa, fb = _files(Path(a)), _files(Path(b))
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cmp = compare_runs(args.a, args.b, rtol=args.rtol, prefix=args.prefix)
-    except ValueError as e:
+    except (ValueError, CorruptStateError) as e:
         p.error(str(e))
     lines = [f"compared {cmp.values} values in {len(cmp.files)} files"]
     for name, (na, nb) in sorted(cmp.truncated.items()):

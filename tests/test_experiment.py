@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,26 @@ from rlsedit.report import load_results, results_table, write_report
 from tiny_models import tiny_model
 
 SETTINGS = {"layers": [2, 3], "n_templates": 1, "steps": 2, "stats_samples": 16, "stats_max_len": 32}
+#: SETTINGS as `--set` options of the CLI.
+SET_ARGS = [a for k, v in SETTINGS.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+
+
+def _stream_argv(model_dir: Path, out: Path, stats: Path) -> list[str]:
+    """`rlsedit run` of the `finished` fixture's stream (6 tune edits, batches of 3) into ``out``."""
+    argv = ["run", "--model", str(model_dir), "--split", "tune", "--edits", "6", "--batch-size", "3"]
+    return [*argv, "--eval-every", "3", "--out", str(out), "--stats", str(stats), *SET_ARGS]
+
+
+def _script(name: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """experiments/<name>.py loaded as a module (registered in sys.modules, where dataclasses look)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    mod_spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    monkeypatch.setitem(sys.modules, name, mod)
+    mod_spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +50,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def finished(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("exp") / "run"
     stats = out.parent / "stats"
-    argv = ["run", "--model", str(model_dir), "--split", "tune", "--edits", "6", "--batch-size", "3"]
-    argv += ["--eval-every", "3", "--out", str(out), "--stats", str(stats)]
-    for k, v in SETTINGS.items():
-        argv += ["--set", f"{k}={json.dumps(v)}"]
-    assert cli.main(argv) == 0
+    assert cli.main(_stream_argv(model_dir, out, stats)) == 0
     return out
 
 
@@ -267,8 +284,7 @@ def test_eval_command_scores_an_edit_run(model_dir: Path, tmp_path: Path) -> Non
         "2",
     ]
     argv += ["--stats", str(tmp_path / "stats")]
-    for k, v in SETTINGS.items():
-        argv += ["--set", f"{k}={json.dumps(v)}"]
+    argv += SET_ARGS
     assert cli.main(argv) == 0
     out = tmp_path / "eval.json"
     argv = ["eval", "--run", str(run), "--dataset", "counterfact", "--fluency", "2", "--objective"]
@@ -307,7 +323,9 @@ def test_batch_report_is_json_native_even_when_figures_are_missing() -> None:
     save_json(Path(__import__("tempfile").mkdtemp()) / "r.json", d)  # no NaN reaches JSON
 
 
-def test_sampled_checkpoints_and_shared_pre_cache(finished: Path, model_dir: Path, tmp_path: Path) -> None:
+def test_sampled_checkpoints_and_shared_pre_cache(
+    finished: Path, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """checkpoint_cases scores a spread sample (plus the retention slices in full); the unedited model's
     scores are computed after the stream, kept in pre_cache and reused by the next run on the same model."""
     spec = ExperimentSpec(
@@ -343,12 +361,7 @@ def test_sampled_checkpoints_and_shared_pre_cache(finished: Path, model_dir: Pat
     assert files[0].stat().st_mtime_ns == stamp
     assert b["pre"] == a["pre"]
     # experiments/prescore.py reads the same cache (nothing re-scored) and summarises slices of it
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / "prescore.py"
-    mod_spec = importlib.util.spec_from_file_location("prescore", path)
-    prescore = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(prescore)
+    prescore = _script("prescore", monkeypatch)
     argv = ["--model", str(model_dir), "--split", "tune", "--edits", "6", "--slices", "3,6"]
     assert prescore.main([*argv, "--pre-cache", str(cache), "--out", str(tmp_path / "pre.json")]) == 0
     assert files[0].stat().st_mtime_ns == stamp
@@ -366,10 +379,7 @@ def test_stop_after_leaves_a_resumable_run(finished: Path, model_dir: Path, tmp_
     """--stop-after applies the edits up to N (and the checkpoint there), then stops; the same command
     without it resumes and ends where an uninterrupted run ends."""
     out = tmp_path / "stopped"
-    argv = ["run", "--model", str(model_dir), "--split", "tune", "--edits", "6", "--batch-size", "3"]
-    argv += ["--eval-every", "3", "--out", str(out), "--stats", str(finished.parent / "stats")]
-    for k, v in SETTINGS.items():
-        argv += ["--set", f"{k}={json.dumps(v)}"]
+    argv = _stream_argv(model_dir, out, finished.parent / "stats")
     assert cli.main([*argv, "--stop-after", "3"]) == 0
     assert not (out / "results.json").exists()
     assert [b["batch_id"] for b in json.loads((out / "batches.json").read_text())] == [0]
@@ -404,8 +414,7 @@ def test_stop_between_checkpoints_measures_fluency_there(
         "--stats",
         str(finished.parent / "stats"),
     ]
-    for k, v in SETTINGS.items():
-        argv += ["--set", f"{k}={json.dumps(v)}"]
+    argv += SET_ARGS
     assert cli.main([*argv, "--stop-after", "3"]) == 0
     assert not list((out / "checkpoints").glob("*.json"))
     pre = json.loads((out / "generation" / "pre.json").read_text())
@@ -421,15 +430,12 @@ def test_stop_between_checkpoints_measures_fluency_there(
     assert again["pre"] == res["pre"] and again["checkpoints"] == []
 
 
-def test_by_position_slices_a_finished_run(finished: Path, capsys: pytest.CaptureFixture) -> None:
+def test_by_position_slices_a_finished_run(
+    finished: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """experiments/by_position.py: one slice of every case is the run's post-edit summary; slices of 3
     cover the stream in order; a folder without cases.jsonl is refused."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / "by_position.py"
-    mod_spec = importlib.util.spec_from_file_location("by_position", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
+    mod = _script("by_position", monkeypatch)
     res = json.loads((finished / "results.json").read_text())
     (whole,) = mod.by_position(finished, 6)
     for m in ("efficacy", "generalization", "specificity", "n"):
@@ -470,21 +476,12 @@ def test_same_command_reproduces_a_run_value_for_value(
     """experiments/compare_runs.py: the stream of `finished` run again into another folder gives the same
     scores, batch reports and per-case records (timings aside); a changed score and a missing checkpoint are
     found; --prefix compares a run still going with its part of a longer one."""
-    import importlib.util
     import shutil
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / "compare_runs.py"
-    mod_spec = importlib.util.spec_from_file_location("compare_runs", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    monkeypatch.setitem(sys.modules, "compare_runs", mod)  # its dataclass looks its module up there
-    mod_spec.loader.exec_module(mod)
+    mod = _script("compare_runs", monkeypatch)
 
     again = tmp_path / "again"  # the command of the `finished` fixture, another --out
-    argv = ["run", "--model", str(model_dir), "--split", "tune", "--edits", "6", "--batch-size", "3"]
-    argv += ["--eval-every", "3", "--out", str(again), "--stats", str(finished.parent / "stats")]
-    for k, v in SETTINGS.items():
-        argv += ["--set", f"{k}={json.dumps(v)}"]
-    assert cli.main(argv) == 0
+    assert cli.main(_stream_argv(model_dir, again, finished.parent / "stats")) == 0
     cmp = mod.compare_runs(finished, again)
     assert cmp.same and cmp.values > 100, cmp.differences[:5]
     assert {"results.json", "cases.jsonl", "batches.json", "checkpoints/000003.json"} <= set(cmp.files)
