@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlsedit.compare import diff_values
 from rlsedit.store import CorruptStateError, load_json
 
-#: Keys whose values legitimately differ between two runs of the same experiment.
-IGNORED_KEYS = frozenset({"seconds", "timings", "memory", "targets_cached", "command"})
 #: Files not compared at all (the command lines that made or resumed the run).
 IGNORED_FILES = frozenset({"invocations.json"})
 #: Files that hold one entry per batch or per case, in stream order (``--prefix`` compares the common part).
@@ -73,42 +71,6 @@ def _load(path: Path) -> Any:
     return load_json(path)
 
 
-def _equal(a: Any, b: Any, rtol: float) -> bool:
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-            return True
-        return a == b or abs(a - b) <= rtol * max(abs(a), abs(b))
-    return a == b
-
-
-def _walk(a: Any, b: Any, path: str, rtol: float, out: list[tuple[str, Any, Any]]) -> int:
-    """Append ``(path, a, b)`` for every differing leaf; return the number of leaves compared."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        n = 0
-        for key in sorted(set(a) | set(b), key=str):
-            if key in IGNORED_KEYS:
-                continue
-            sub = f"{path}.{key}" if path else str(key)
-            if key not in a or key not in b:
-                out.append((sub, a.get(key, "<absent>"), b.get(key, "<absent>")))
-                n += 1
-            else:
-                n += _walk(a[key], b[key], sub, rtol, out)
-        return n
-    if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            out.append((f"{path}.length" if path else "length", len(a), len(b)))
-        n = 0
-        for i, (u, v) in enumerate(zip(a, b, strict=False)):
-            n += _walk(u, v, f"{path}.{i}" if path else str(i), rtol, out)
-        return n
-    if not _equal(a, b, rtol):
-        out.append((path, a, b))
-    return 1
-
-
 def compare_runs(a: str | Path, b: str | Path, *, rtol: float = 0.0, prefix: bool = False) -> Comparison:
     """Compare the measurements of run folders ``a`` and ``b`` (see the module's docstring).
 
@@ -126,8 +88,8 @@ def compare_runs(a: str | Path, b: str | Path, *, rtol: float = 0.0, prefix: boo
                 cmp.truncated[name] = (len(va), len(vb))
             k = min(len(va), len(vb))
             va, vb = va[:k], vb[:k]
-        found: list[tuple[str, Any, Any]] = []
-        cmp.values += _walk(va, vb, "", rtol, found)
+        n, found = diff_values(va, vb, rtol)
+        cmp.values += n
         cmp.files.append(name)
         cmp.differences += [(name, p, x, y) for p, x, y in found]
     if not prefix:

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlsedit.compare import diff_values
 from rlsedit.datasets import CounterFactCase, ZsreCase, load_counterfact, load_zsre, superseded_cases
 from rlsedit.eval.counterfact import score_counterfact, summarize_counterfact
 from rlsedit.eval.zsre import score_zsre, summarize_zsre
@@ -384,6 +385,30 @@ def timing_sums(
     return sums, n
 
 
+#: Relative tolerance of a replayed batch's report against its record (a replay on the same machine and
+#: software reproduces every value exactly).
+REPLAY_RTOL = 1e-6
+
+
+class ReplayMismatch(RuntimeError):
+    """A replayed batch does not reproduce its record: the folder's later files describe another stream."""
+
+
+def _check_replay(recorded: dict[str, Any], entry: dict[str, Any], n_cases: int) -> None:
+    """Refuse to go on when a replayed batch's report differs from the recorded one (timings aside)."""
+    n, diffs = diff_values(recorded, entry, REPLAY_RTOL)
+    if diffs:
+        shown = "; ".join(f"{p}: recorded {a!r}, replayed {b!r}" for p, a, b in diffs[:3])
+        raise ReplayMismatch(
+            f"batch {entry.get('batch_id')} (edits {entry['edits_after']} of {n_cases}) replayed differently "
+            f"from its record in batches.json ({len(diffs)} of {n} values differ; {shown}). This machine or "
+            "software does not reproduce the recorded stream (or --targets-cache lacks its targets and they "
+            "were optimised again): the folder's checkpoints describe another model state. Start a new "
+            "folder to run the stream from scratch."
+        )
+    log.info("batch %d replayed: %d values the same as recorded", entry.get("batch_id"), n)
+
+
 def _checkpoint(model, tok, spec: ExperimentSpec, edited: list[Case]) -> dict[str, Any]:
     """Scores after ``len(edited)`` edits: the summary over every edited case, or over
     ``spec.checkpoint_cases`` of them spread evenly, and each earliest ``retention`` slice in full."""
@@ -485,6 +510,18 @@ def run_experiment(
         reports: list[dict[str, Any]] = load_json(batches_path) if batches_path.exists() else []
         (out / "checkpoints").mkdir(exist_ok=True)
         chunks = [cases[i : i + spec.batch_size] for i in range(0, len(cases), spec.batch_size)]
+        # batches recorded in batches.json that the editor's state does not hold: a folder seeded with a
+        # recorded run's files (no editor/) replays them and checks each against its record
+        recorded = {
+            int(r["chunk"]): i for i, r in enumerate(reports) if int(r["chunk"]) >= len(editor.batches)
+        }
+        if recorded:
+            log.info(
+                "replaying %d recorded batches (targets from --targets-cache where it has them); each is "
+                "checked against its record in batches.json",
+                len(recorded),
+            )
+        n_replayed = 0
         done = 0
         stopped_at: int | None = None  # the index of the first chunk not applied, if stopped
         # a stop falls at the end of the chunk that reaches stop_after
@@ -500,7 +537,8 @@ def run_experiment(
                 break
             rep = editor.edit([c.request for c in chunk])
             done += len(chunk)
-            if rep.batches:  # applied now (a resumed run skips the chunks applied before)
+            replay = k in recorded  # this chunk's batch is in batches.json, but not in the editor's state
+            if rep.batches and not replay:  # applied now (a resumed run skips the chunks applied before)
                 pace.add(len(chunk), rep.seconds())
             objective = _objective(editor) if rep.batches else None
             for b in rep.batches:
@@ -508,6 +546,10 @@ def run_experiment(
                 entry["memory"] = {"rss_bytes": rss_bytes(), "max_rss_bytes": max_rss_bytes()}
                 if objective is not None:
                     entry["objective"] = objective
+                if replay:
+                    _check_replay(reports[recorded[k]], entry, len(cases))
+                    n_replayed += 1
+                    continue
                 reports.append(entry)
                 save_json(batches_path, reports)
                 log.info(
@@ -532,6 +574,8 @@ def run_experiment(
             if at_checkpoint and spec.capability is not None and not cap_ck.exists() and at_head:
                 log.info("general capability after %d edits", done)
                 save_json(cap_ck, {"edits": done, **_capability(model, tok, spec.capability)})
+    if n_replayed:
+        log.info("replayed %d recorded batches: each the same as its record", n_replayed)
     if stopped_at is not None:
         if gen_cases and len(editor.batches) == stopped_at:  # the model holds exactly the first `done` edits
             _generation_at(out, done, editor, model, tok, gen_cases, spec)

@@ -888,7 +888,8 @@ class LocateThenEditEditor:
 
         With ``targets_cache`` set, a result computed before for exactly the same model state, requests,
         templates and settings is read back instead of optimised again (e.g. the first batch of
-        several methods compared on the same stream).
+        several methods compared on the same stream, or a recorded stream replayed). The file keeps
+        ``z``, the NLLs and the steps; ``h0`` is recomputed on reading (one forward of the bare prompts).
         """
         from rlsedit.locate.targets import TargetResult
         from rlsedit.store import load_tensors, save_tensors
@@ -901,17 +902,21 @@ class LocateThenEditEditor:
                 try:
                     t = load_tensors(path)
                     log.info("targets read from the cache %s", path)
+                    # h0 (the hidden states before optimisation) is cheap to recompute and not kept
+                    h0 = t.get("h0")
+                    if h0 is None:
+                        h0 = compute_hidden(self.model, self.tokenizer, reqs, block_name(self.model, layer))
                     return TargetResult(
                         z=t["z"],
-                        h0=t["h0"],
+                        h0=h0,
                         nll_init=t["nll_init"],
                         nll_final=t["nll_final"],
                         steps=t["steps"],
                         seconds=0.0,
                         extra={"cached": True},
                     )
-                except CorruptStateError as exc:
-                    log.warning("ignoring a corrupt cached target file: %s", exc)
+                except (CorruptStateError, KeyError) as exc:
+                    log.warning("ignoring a corrupt cached target file %s: %s", path, exc)
         tr = compute_targets(self.model, self.tokenizer, reqs, layer, self.templates, cfg.targets)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -919,7 +924,6 @@ class LocateThenEditEditor:
                 path,
                 {
                     "z": tr.z.detach().cpu().contiguous(),
-                    "h0": tr.h0.detach().cpu().contiguous(),
                     "nll_init": tr.nll_init.contiguous(),
                     "nll_final": tr.nll_final.contiguous(),
                     "steps": tr.steps.contiguous(),
