@@ -619,3 +619,7 @@ def test_a_recorded_stream_replays_from_its_files_and_cached_targets(
             targets_cache=bad / "targets",
         )
     assert (bad / "batches.json").read_bytes() == before
+    # the mismatched batch is in bad/editor now: the same command refuses the folder rather than resume
+    with pytest.raises(ReplayMismatch, match="residual_after"):
+        run_experiment(_stream_spec(model_dir), bad, stats_dir=stats, targets_cache=bad / "targets")
+    assert (bad / "batches.json").read_bytes() == before

@@ -394,18 +394,27 @@ class ReplayMismatch(RuntimeError):
     """A replayed batch does not reproduce its record: the folder's later files describe another stream."""
 
 
-def _check_replay(recorded: dict[str, Any], entry: dict[str, Any], n_cases: int) -> None:
-    """Refuse to go on when a replayed batch's report differs from the recorded one (timings aside)."""
+#: Written into a run folder whose replay did not reproduce its record; the folder is refused from then on.
+REPLAY_MISMATCH_FILE = "replay-mismatch.json"
+
+
+def _check_replay(out: Path, recorded: dict[str, Any], entry: dict[str, Any], n_cases: int) -> None:
+    """Refuse to go on when a replayed batch's report differs from the recorded one (timings aside).
+
+    The batch is already in the editor's state by then, so the refusal is written into the folder
+    (:data:`REPLAY_MISMATCH_FILE`): the same command must not resume past the mismatched batch."""
     n, diffs = diff_values(recorded, entry, REPLAY_RTOL)
     if diffs:
         shown = "; ".join(f"{p}: recorded {a!r}, replayed {b!r}" for p, a, b in diffs[:3])
-        raise ReplayMismatch(
+        message = (
             f"batch {entry.get('batch_id')} (edits {entry['edits_after']} of {n_cases}) replayed differently "
             f"from its record in batches.json ({len(diffs)} of {n} values differ; {shown}). This machine or "
             "software does not reproduce the recorded stream (or --targets-cache lacks its targets and they "
             "were optimised again): the folder's checkpoints describe another model state. Start a new "
             "folder to run the stream from scratch."
         )
+        save_json(out / REPLAY_MISMATCH_FILE, {"message": message})
+        raise ReplayMismatch(message)
     log.info("batch %d replayed: %d values the same as recorded", entry.get("batch_id"), n)
 
 
@@ -463,6 +472,8 @@ def run_experiment(
     from rlsedit.models.load import load_model
 
     out = Path(out)
+    if (out / REPLAY_MISMATCH_FILE).is_file():
+        raise ReplayMismatch(load_json(out / REPLAY_MISMATCH_FILE)["message"])
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / "spec.json"
     if spec_path.exists():
@@ -547,7 +558,7 @@ def run_experiment(
                 if objective is not None:
                     entry["objective"] = objective
                 if replay:
-                    _check_replay(reports[recorded[k]], entry, len(cases))
+                    _check_replay(out, reports[recorded[k]], entry, len(cases))
                     n_replayed += 1
                     continue
                 reports.append(entry)
