@@ -623,3 +623,13 @@ def test_a_recorded_stream_replays_from_its_files_and_cached_targets(
     with pytest.raises(ReplayMismatch, match="residual_after"):
         run_experiment(_stream_spec(model_dir), bad, stats_dir=stats, targets_cache=bad / "targets")
     assert (bad / "batches.json").read_bytes() == before
+
+
+def test_report_stream_plot_log_scale_only_for_an_outlier_batch() -> None:
+    from rlsedit.report import _has_outlier
+
+    assert not _has_outlier([])
+    assert not _has_outlier([1.9, 2.0, 2.1, 2.4])
+    # one batch whose wall time includes a stopped process (batch 33 of the CounterFact stream)
+    assert _has_outlier([1.9, 2.0, 2.1, 58.7])
+    assert not _has_outlier([0.0, 1.0, 4.0])

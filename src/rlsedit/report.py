@@ -313,6 +313,7 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     # 5. seconds per edit and memory per batch over the stream
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), squeeze=False)
     drawn = False
+    per_edit: list[float] = []
     for r in results:
         bs = [b for b in r.get("batches", []) if b.get("n_requests")]
         xy = [
@@ -320,6 +321,7 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
             for b in bs
             if "total" in b.get("timings", {})
         ]
+        per_edit += [y for _, y in xy]
         if xy:
             drawn = True
             axes[0][0].plot(*zip(*xy, strict=True), marker=".", label=_label(r))
@@ -332,10 +334,20 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     for ax in axes[0]:
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
+    if _has_outlier(per_edit):
+        # a batch whose wall time includes a pause (a stopped process) would flatten every other point
+        axes[0][0].set(title="seconds per edit (each batch, log scale)", yscale="log")
+        axes[0][0].set_ylim(min(v for v in per_edit if v > 0) / 1.5, max(per_edit) * 1.5)
     if drawn:
         axes[0][0].legend(fontsize=6)
     _save(plt, fig, out / "stream.png", drawn, written)
     return written
+
+
+def _has_outlier(values: Sequence[float], factor: float = 5.0) -> bool:
+    """Whether some value exceeds ``factor`` times the median of the positive ``values``."""
+    pos = sorted(v for v in values if v > 0)
+    return bool(pos) and pos[-1] > factor * pos[len(pos) // 2]
 
 
 def _capability_points(r: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
