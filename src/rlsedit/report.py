@@ -329,15 +329,19 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         if xy:
             drawn = True
             axes[0][1].plot(*zip(*xy, strict=True), marker=".", label=_label(r))
-    axes[0][0].set(title="seconds per edit (each batch)", xlabel="edits")
+    # a batch whose wall time includes a pause (a stopped process) would flatten every other point
+    log_time = _has_outlier(per_edit)
+    axes[0][0].set(
+        title="seconds per edit (each batch" + (", log scale)" if log_time else ")"), xlabel="edits"
+    )
     axes[0][1].set(title="resident memory after each batch (GiB)", xlabel="edits")
     for ax in axes[0]:
         ax.grid(alpha=0.3)
-        ax.set_ylim(bottom=0)
-    if _has_outlier(per_edit):
-        # a batch whose wall time includes a pause (a stopped process) would flatten every other point
-        axes[0][0].set(title="seconds per edit (each batch, log scale)", yscale="log")
-        axes[0][0].set_ylim(min(v for v in per_edit if v > 0) / 1.5, max(per_edit) * 1.5)
+    if log_time:
+        axes[0][0].set_yscale("log")
+    else:
+        axes[0][0].set_ylim(bottom=0)
+    axes[0][1].set_ylim(bottom=0)
     if drawn:
         axes[0][0].legend(fontsize=6)
     _save(plt, fig, out / "stream.png", drawn, written)
