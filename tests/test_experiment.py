@@ -76,6 +76,7 @@ def test_run_writes_results(finished: Path) -> None:
     assert [c["edits"] for c in res["checkpoints"]] == [3]
     lines = (finished / "cases.jsonl").read_text().splitlines()
     assert len(lines) == 6 and "post" in json.loads(lines[0])
+    assert not (finished / "post.partial.jsonl").exists()  # the pieces are gone once post.json is written
 
 
 def test_rerun_resumes_without_reapplying(finished: Path, model_dir: Path) -> None:
@@ -633,3 +634,44 @@ def test_report_stream_plot_log_scale_only_for_an_outlier_batch() -> None:
     # one batch whose wall time includes a stopped process (batch 33 of the CounterFact stream)
     assert _has_outlier([1.9, 2.0, 2.1, 58.7])
     assert not _has_outlier([0.0, 1.0, 4.0])
+
+
+def test_final_scoring_resumes_after_its_last_saved_piece(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The post-edit scoring of a long stream is saved piece by piece: an interrupted one scores only the
+    cases left, a torn last line is scored again, and a file of another editor state is not reused."""
+    from rlsedit import experiment as ex
+    from rlsedit.datasets import load_counterfact
+
+    model, tok = tiny_model("llama", seed=3)
+    cases = load_counterfact(split="tune", limit=7)
+    key = {"batches": 2, "last_hash": "abc", "active": 7}
+    whole = ex._score(model, tok, cases, {cases[1].case_id}, "counterfact")
+    real, calls = ex._records, []
+
+    def counted(m: Any, t: Any, cs: list[Any], ds: str) -> list[dict[str, Any]]:
+        calls.append([c.case_id for c in cs])
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # stopped during the third piece
+        return real(m, t, cs, ds)
+
+    monkeypatch.setattr(ex, "_records", counted)
+    partial = tmp_path / "post.partial.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        ex._score_in_pieces(partial, model, tok, cases, {cases[1].case_id}, "counterfact", key, piece=2)
+    assert len(partial.read_text().splitlines()) == 3  # the head and two pieces
+    with partial.open("a") as f:
+        f.write('{"records": [{"case_id"')  # a torn line: a crash while appending
+    calls.clear()
+    res = ex._score_in_pieces(partial, model, tok, cases, {cases[1].case_id}, "counterfact", key, piece=2)
+    assert calls == [[c.case_id for c in cases[4:6]], [cases[6].case_id]]
+    assert res["summary"] == whole["summary"] and res["superseded"] == whole["superseded"]
+    assert [r["case_id"] for r in res["records"]] == [c.case_id for c in cases]
+    for got, want in zip(res["records"], whole["records"], strict=True):  # padding differs with the pieces
+        assert got.keys() == want.keys()
+        for k, v in want.items():
+            assert got[k] == (pytest.approx(v, rel=1e-4, abs=1e-5) if isinstance(v, list) else v), k
+    calls.clear()
+    ex._score_in_pieces(partial, model, tok, cases, set(), "counterfact", {**key, "batches": 3}, piece=4)
+    assert len(calls) == 2  # another editor state: everything scored again

@@ -11,6 +11,7 @@ Layout of an experiment folder ``out``::
     generation/N.json    the same after N edits: at each checkpoint, and where ``stop_after`` stopped a stream
     generation/post.json the same after the last batch
     capability/pre.json  general capability before editing (spec.capability), capability/N.json after N
+    post.partial.jsonl   the post-edit scoring so far, in pieces of cases (removed once post.json is written)
     post.json            per-case scores after the last batch and their summary
     cases.jsonl          final per-case records
     results.json         final metrics, pre-edit metrics, capability, timings, the full config
@@ -32,6 +33,7 @@ import gc
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -287,6 +289,56 @@ def _records(model, tok, cases: list[Case], dataset: str) -> list[dict[str, Any]
 def _score(model, tok, cases: list[Case], exclude: set, dataset: str = "counterfact") -> dict[str, Any]:
     t0 = time.perf_counter()
     return _scored(dataset, _records(model, tok, cases, dataset), exclude, time.perf_counter() - t0)
+
+
+#: Cases per piece of the final post-edit scoring (each piece is saved as it finishes).
+SCORE_PIECE = 500
+
+
+def _score_in_pieces(
+    partial: Path,
+    model,
+    tok,
+    cases: list[Case],
+    exclude: set,
+    dataset: str,
+    key: dict[str, Any],
+    piece: int = SCORE_PIECE,
+) -> dict[str, Any]:
+    """:func:`_score` of ``cases``, ``piece`` cases at a time, each piece appended to ``partial`` (JSON lines)
+    as it finishes: scoring 10,000 cases takes most of an hour on 2 CPU cores, and an interrupted one
+    resumes after its last saved piece. The first line records the editor state (``key``) and the cases;
+    pieces saved for another state or other cases are discarded, a torn last line is scored again."""
+    head = {"state": key, "dataset": dataset, "case_ids": [c.case_id for c in cases]}
+    rows: list[dict[str, Any]] = []
+    if partial.exists():
+        for line in partial.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a crash while appending: this piece is scored again
+        if rows and rows[0] != head:
+            log.info("%s was written for another editor state or other cases; starting again", partial.name)
+            rows = []
+    rows = rows or [head]
+    # rewritten whole (without a torn tail), so the next piece starts on a line of its own
+    atomic_write_bytes(partial, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+    recs = [rec for row in rows[1:] for rec in row["records"]]
+    seconds = sum(row["seconds"] for row in rows[1:])
+    if recs:
+        log.info("%s: %d of %d cases already scored", partial.name, len(recs), len(cases))
+    for start in range(len(recs), len(cases), piece):
+        t0 = time.perf_counter()
+        new = _records(model, tok, cases[start : start + piece], dataset)
+        took = time.perf_counter() - t0
+        with partial.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"records": new, "seconds": took}, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        recs.extend(new)
+        seconds += took
+        log.info("scored %d of %d cases (%.0f s)", len(recs), len(cases), seconds)
+    return _scored(dataset, recs, exclude, seconds)
 
 
 def _scored(dataset: str, recs: list[dict[str, Any]], exclude: set, seconds: float) -> dict[str, Any]:
@@ -602,7 +654,13 @@ def run_experiment(
 
     key = _state_key(editor)
     log.info("scoring the edited model on %d cases", len(cases))
-    post = _once(out / "post.json", lambda: _score(model, tok, cases, superseded, spec.dataset), key)
+    partial = out / "post.partial.jsonl"
+    post = _once(
+        out / "post.json",
+        lambda: _score_in_pieces(partial, model, tok, cases, superseded, spec.dataset, key),
+        key,
+    )
+    partial.unlink(missing_ok=True)
     gen_post = None
     if gen_cases:
         log.info("generating from the edited model (%d cases)", len(gen_cases))
