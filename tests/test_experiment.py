@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from rlsedit import cli
-from rlsedit.experiment import ExperimentSpec, run_experiment
-from rlsedit.report import load_results, results_table, write_report
+from rlsedit.experiment import ExperimentSpec, run_experiment, summarize_cases
+from rlsedit.report import _triple, checkpoint_table, load_results, results_table, write_report
 from tiny_models import tiny_model
 
 SETTINGS = {"layers": [2, 3], "n_templates": 1, "steps": 2, "stats_samples": 16, "stats_max_len": 32}
@@ -372,8 +372,15 @@ def test_sampled_checkpoints_and_shared_pre_cache(
     assert sliced["3"]["n"] == 3
     for m in ("efficacy", "generalization", "specificity"):
         assert sliced["6"][m] == a["pre"][m]
+    # the earliest edits at the end of the stream: the final per-case scores' first slices
+    assert set(a["retention"]) == set(a["pre_retention"]) == {"1", "3"}
+    post = [json.loads(line)["post"] for line in (tmp_path / "a" / "cases.jsonl").read_text().splitlines()]
+    assert a["retention"]["3"] == summarize_cases("counterfact", post[:3], a["superseded_cases"])
+    assert a["pre_retention"]["3"] == sliced["3"]
     write_report([tmp_path / "a", tmp_path / "b"], tmp_path / "rep")
     assert (tmp_path / "rep" / "retention.png").stat().st_size > 0
+    final = [row for row in checkpoint_table([load_results(tmp_path / "a")]).splitlines() if "| 6 |" in row]
+    assert len(final) == 1 and _triple(a["retention"]["3"]) in final[0]
     with pytest.raises(ValueError, match="checkpoint_cases"):
         ExperimentSpec(checkpoint_cases=-1)
 

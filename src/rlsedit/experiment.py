@@ -719,6 +719,9 @@ def run_experiment(
         "pre": pre_summary,
         "post": post_summary,
         "post_superseded": post["superseded"],
+        # the earliest edits at the end of the stream, as at each checkpoint (and the unedited model's)
+        "retention": _retention(spec, post["records"], superseded),
+        "pre_retention": _retention(spec, pre["records"], superseded),
         "checkpoints": checkpoints,
         "capability": capability or None,
         "timings": {
@@ -738,6 +741,16 @@ def run_experiment(
     log.info("pre-edit:  %s", _fmt(pre_summary))
     log.info("post-edit: %s", _fmt(post_summary))
     return results
+
+
+def _retention(spec: ExperimentSpec, records: list[dict[str, Any]], exclude: set) -> dict[str, Any]:
+    """Summaries of the earliest ``spec.retention`` slices of a stream's per-case ``records`` (in stream
+    order), ``exclude`` left out; slices as long as the stream or longer are skipped, as at checkpoints."""
+    return {
+        str(size): _summarize(spec.dataset, records[:size], exclude)
+        for size in spec.retention
+        if size < len(records)
+    }
 
 
 def _fmt(summary: dict[str, Any]) -> str:

@@ -138,9 +138,7 @@ def checkpoint_table(results: Sequence[dict[str, Any]]) -> str:
     (0 = the unedited model's fluency and capability, each checkpoint, the end of a finished run), with
     the summary's efficacy / generalization / specificity, the retention slices (the earliest edits
     re-scored there), fluency, WikiText-2 perplexity and the zero-shot accuracies."""
-    sizes = sorted(
-        {int(k) for r in results for c in r.get("checkpoints", []) for k in c.get("retention", {})}
-    )
+    sizes = sorted({int(k) for r in results for _, slices in _retention_points(r) for k in slices})
     tasks = sorted(
         {
             k
@@ -155,7 +153,7 @@ def checkpoint_table(results: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         scores = dict(_metric_points(r))
-        retention = {c["edits"]: c.get("retention", {}) for c in r.get("checkpoints", [])}
+        retention = dict(_retention_points(r))
         capability = dict(_capability_points(r))
         for e in sorted({*scores, *capability}):
             s, cap = scores.get(e, {}), capability.get(e, {})
@@ -202,6 +200,15 @@ def _metric_points(r: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
     return sorted({e: v for e, v in pts}.items())
 
 
+def _retention_points(r: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """``(edits, {slice size: summary})`` of the earliest edits re-scored over a run: at each checkpoint,
+    and at the end of a finished run (from its final per-case scores)."""
+    pts = [(c["edits"], c.get("retention", {})) for c in r.get("checkpoints", [])]
+    if not r.get("partial") and r.get("retention"):
+        pts.append((r["edits"], r["retention"]))
+    return pts
+
+
 def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     """metrics.png (+ retention.png, capability.png, objective.png, stream.png where the runs have the
     data); returns the files written."""
@@ -229,13 +236,14 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(_METRICS), figsize=(4 * len(_METRICS), 3.2), squeeze=False)
     drawn = False
     for r in results:
-        sizes = sorted({int(k) for c in r.get("checkpoints", []) for k in c.get("retention", {})})
+        points = _retention_points(r)
+        sizes = sorted({int(k) for _, slices in points for k in slices})
         for size in sizes:
             for ax, m in zip(axes[0], _METRICS, strict=True):
                 xy = [
-                    (c["edits"], c["retention"][str(size)][m])
-                    for c in r.get("checkpoints", [])
-                    if str(size) in c.get("retention", {}) and c["retention"][str(size)].get(m) is not None
+                    (e, slices[str(size)][m])
+                    for e, slices in points
+                    if str(size) in slices and slices[str(size)].get(m) is not None
                 ]
                 if xy:
                     drawn = True
