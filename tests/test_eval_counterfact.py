@@ -75,3 +75,44 @@ def test_score_counterfact_needs_true_target(llama) -> None:
     bad = dataclasses.replace(c, request=dataclasses.replace(c.request, target_true=None))
     with pytest.raises(ValueError, match="target_true"):
         score_counterfact(model, tok, [bad])
+
+
+def _one_at_a_time(model, tok, prompt: str, target: str) -> torch.Tensor:
+    """Log-probabilities of ``" " + target`` after ``prompt``: one row, full logits, no padding."""
+    p_ids = tok(prompt)["input_ids"]
+    t_ids = tok(" " + target.strip(), add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([p_ids + t_ids])).logits[0]
+    logp = torch.log_softmax(logits[len(p_ids) - 1 : len(p_ids) - 1 + len(t_ids)].float(), -1)
+    return logp[torch.arange(len(t_ids)), torch.tensor(t_ids)]
+
+
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward takes no ``logits_to_keep`` (the scorer then computes every logit)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["logits_to_keep", "all_logits"])
+def test_batched_scores_equal_one_row_at_a_time(llama, wrap: bool) -> None:
+    """Rows sorted by length, padded in batches, logits kept only where a target token is predicted:
+    the same log-probabilities as one unpadded row at a time, returned in the caller's order."""
+    from rlsedit.eval.scoring import continuation_logprobs
+
+    model, tok = llama
+    prompts = ["The capital of France is", "Paris is", "A much longer prompt about the city of Rome is in"]
+    prompts += ["Tokyo", "The mother tongue of Danielle Darrieux is"]
+    targets = ["Paris", "the capital of France", "Italy", "a city in Japan", "English"]
+    scored = _NoLogitsToKeep(model) if wrap else model
+    got = continuation_logprobs(scored, tok, prompts, targets, batch_size=2)
+    pairs = zip(prompts, targets, strict=True)
+    want = torch.stack([_one_at_a_time(model, tok, p, t).sum() for p, t in pairs])
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-5)
+    nll, _ = target_scores(scored, tok, prompts, targets, batch_size=3)
+    lens = [len(tok(" " + t, add_special_tokens=False)["input_ids"]) for t in targets]
+    assert torch.allclose(nll, -want / torch.tensor(lens, dtype=torch.float32), atol=1e-4, rtol=1e-5)

@@ -3,6 +3,7 @@ their mean NLL and top-1 flags, and greedy generation."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -25,6 +26,14 @@ def _target_ids(tokenizer, target: str) -> list[int]:
     return list(tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"])
 
 
+def _keeps_logits(model: nn.Module) -> bool:
+    """Whether ``model``'s forward takes ``logits_to_keep`` (the LM head then runs only where asked)."""
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a forward without a signature
+        return False
+
+
 @torch.no_grad()
 def _teacher_forced(
     model: nn.Module,
@@ -37,8 +46,10 @@ def _teacher_forced(
     the log-probability of each target token after ``prompt`` and the target tokens before it, and
     whether it is the model's top-1 prediction there (float32 and bool, on CPU).
 
-    The prompt is tokenised with the tokenizer's special tokens (e.g. BOS), the target without; rows are
-    right-padded into batches of ``batch_size``.
+    The prompt is tokenised with the tokenizer's special tokens (e.g. BOS), the target without. Rows are
+    sorted by length and right-padded into batches of ``batch_size`` (rows of similar length together:
+    little padding), and where the model takes ``logits_to_keep`` the LM head runs only at the positions
+    that predict a target token; the results are the same as one row at a time up to float rounding.
     """
     if len(prompts) != len(targets):
         raise ValueError("prompts and targets must have the same length")
@@ -52,16 +63,29 @@ def _teacher_forced(
         rows.append(p_ids + t_ids)
         spans.append((len(p_ids), t_ids))
     pad = pad_id_of(tokenizer)
-    for s in range(0, len(rows), batch_size):
-        ids, mask = pad_rows(rows[s : s + batch_size], pad)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+    keep = _keeps_logits(model)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(rows)  # type: ignore[list-item]
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        ids, mask = pad_rows([rows[i] for i in idx], pad)
+        # the positions whose logits predict a target token: position j predicts token j + 1
+        need = sorted({j for i in idx for j in range(spans[i][0] - 1, len(rows[i]) - 1)})
+        kwargs = {"logits_to_keep": torch.tensor(need, device=device)} if keep else {}
+        logits = model(
+            input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **kwargs
+        ).logits
         logits = logits.to(device)  # the LM head may sit on another device
-        for k, (start, t_ids) in enumerate(spans[s : s + batch_size]):
-            pos = torch.arange(start - 1, start - 1 + len(t_ids), device=device)
+        column = {j: c for c, j in enumerate(need)} if keep else None
+        for k, i in enumerate(idx):
+            start, t_ids = spans[i]
+            at = range(start - 1, start - 1 + len(t_ids))
+            pos = torch.tensor([column[j] for j in at] if column else list(at), device=device)
             tok = torch.tensor(t_ids, device=device)
             logp = torch.log_softmax(logits[k, pos].float(), -1)
             picked = logp[torch.arange(len(t_ids), device=device), tok]
-            yield picked.cpu(), (logp.argmax(-1) == tok).cpu()
+            out[i] = (picked.cpu(), (logp.argmax(-1) == tok).cpu())
+    yield from out
 
 
 def target_scores(
