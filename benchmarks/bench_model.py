@@ -6,6 +6,8 @@
   batches, and the peak resident memory.
 * :func:`bench_stats` -- :func:`rlsedit.stats.second_moments` throughput vs plain forward passes over the
   same texts.
+* :func:`bench_scoring` -- CounterFact scoring (:func:`rlsedit.eval.scoring.target_scores`: rows sorted by
+  length, the LM head only where a target token is predicted) vs plain batches in the caller's order.
 
 Each function takes a loaded ``(model, tokenizer)`` and leaves the model's weights as it found them.
 """
@@ -26,11 +28,20 @@ from benchlib import RssSampler, max_rss_bytes, median, rss_bytes, timed
 from rlsedit.editors import make_editor
 from rlsedit.hooks import trace
 from rlsedit.locate.targets import TargetConfig, compute_targets
+from rlsedit.locate.tokens import pad_id_of, pad_rows
 from rlsedit.models.arch import get_arch, get_module, input_device, mlp_out_name, weight_kv
 from rlsedit.requests import EditRequest
 from rlsedit.stats import corpus_texts, second_moments
 
-__all__ = ["TokenCounts", "bench_end_to_end", "bench_stats", "bench_targets", "count_tokens", "param_counts"]
+__all__ = [
+    "TokenCounts",
+    "bench_end_to_end",
+    "bench_scoring",
+    "bench_stats",
+    "bench_targets",
+    "count_tokens",
+    "param_counts",
+]
 
 log = logging.getLogger("benchmarks.model")
 
@@ -413,3 +424,119 @@ def bench_stats(
             / seconds["forward_to_last_layer"],
         },
     }
+
+
+# --------------------------------------------------------------------------------------------------------
+# scoring
+# --------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def plain_target_scores(
+    model: nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """The straightforward scoring the library's replaces: pairs in the caller's order, right-padded in
+    batches of ``batch_size``, every logit of every position computed.
+
+    Returns ``(nll (n,), top1 (n,), {"positions": padded positions run, "head_positions": positions
+    through the LM head})``, NLL and top-1 as :func:`rlsedit.eval.scoring.target_scores`.
+    """
+    device = input_device(model)
+    pad = pad_id_of(tokenizer)
+    rows, spans = [], []
+    for p, t in zip(prompts, targets, strict=True):
+        p_ids = list(tokenizer(p, add_special_tokens=True)["input_ids"])
+        t_ids = list(tokenizer(" " + t.strip(), add_special_tokens=False)["input_ids"])
+        rows.append(p_ids + t_ids)
+        spans.append((len(p_ids), t_ids))
+    nll, top1 = torch.empty(len(rows)), torch.zeros(len(rows), dtype=torch.bool)
+    positions = 0
+    for s in range(0, len(rows), batch_size):
+        ids, mask = pad_rows(rows[s : s + batch_size], pad)
+        positions += ids.numel()
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        for k, (start, t_ids) in enumerate(spans[s : s + batch_size]):
+            logp = torch.log_softmax(logits[k, start - 1 : start - 1 + len(t_ids)].float(), -1)
+            tok = torch.tensor(t_ids, device=logp.device)
+            nll[s + k] = -logp[torch.arange(len(t_ids)), tok].mean().cpu()
+            top1[s + k] = bool((logp.argmax(-1) == tok).all())
+    return nll, top1, {"positions": positions, "head_positions": positions}
+
+
+def _sorted_positions(
+    tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], batch_size: int
+) -> dict[str, int]:
+    """Padded positions and LM-head positions of the library's scoring (rows sorted by length; the head
+    only at the union of a batch's target-predicting positions), counted without running the model."""
+    rows = []
+    for p, t in zip(prompts, targets, strict=True):
+        p_len = len(tokenizer(p, add_special_tokens=True)["input_ids"])
+        t_len = len(tokenizer(" " + t.strip(), add_special_tokens=False)["input_ids"])
+        rows.append((p_len + t_len, p_len))
+    rows.sort()
+    positions = head = 0
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s : s + batch_size]
+        positions += len(chunk) * max(n for n, _ in chunk)
+        head += len(chunk) * len({j for n, p_len in chunk for j in range(p_len - 1, n - 1)})
+    return {"positions": positions, "head_positions": head}
+
+
+def bench_scoring(
+    model: nn.Module, tokenizer: Any, cases: Sequence[Any], repeats: int, device: str = "cpu"
+) -> dict[str, Any]:
+    """Time CounterFact scoring of ``cases``: the library's :func:`target_scores` ("sorted") against
+    :func:`plain_target_scores` ("plain"), in turn within each repeat (alternating which goes first), on
+    the same (prompt, target) pairs as :func:`rlsedit.eval.counterfact.score_counterfact`.
+
+    Returns:
+        ``{"cases", "pairs", "batch_size", "logits_to_keep", "paths": {"sorted"|"plain": {"seconds",
+        "samples", "per_case_s", "positions", "head_positions"}}, "ratio_plain_sorted", "max_nll_diff",
+        "top1_agree", "win_flips"}``: ``win_flips`` counts pairs of (new, true) whose preference differs.
+    """
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    from rlsedit.eval.counterfact import counterfact_pairs
+    from rlsedit.eval.scoring import _keeps_logits, target_scores
+
+    prompts, targets, _ = counterfact_pairs(cases)
+    batch_size = 32
+    paths = {
+        "sorted": lambda: target_scores(model, tokenizer, prompts, targets, batch_size),
+        "plain": lambda: plain_target_scores(model, tokenizer, prompts, targets, batch_size),
+    }
+    samples: dict[str, list[float]] = {p: [] for p in paths}
+    results: dict[str, Any] = {}
+    for r in range(repeats):
+        for name in list(paths) if r % 2 == 0 else list(reversed(paths)):
+            seconds, results[name] = timed(paths[name], device)
+            samples[name].append(seconds)
+            log.info("scoring: repeat %d/%d %s %.2f s", r + 1, repeats, name, seconds)
+    keeps = _keeps_logits(model)
+    counts = {
+        "sorted": _sorted_positions(tokenizer, prompts, targets, batch_size),
+        "plain": results["plain"][2],
+    }
+    if not keeps:  # every logit is computed on both paths
+        counts["sorted"]["head_positions"] = counts["sorted"]["positions"]
+    out: dict[str, Any] = {
+        "cases": len(cases),
+        "pairs": len(prompts),
+        "batch_size": batch_size,
+        "logits_to_keep": keeps,
+        "paths": {
+            name: {
+                "seconds": median(samples[name]),
+                "samples": samples[name],
+                "per_case_s": median(samples[name]) / len(cases),
+                **counts[name],
+            }
+            for name in paths
+        },
+    }
+    out["ratio_plain_sorted"] = out["paths"]["plain"]["seconds"] / out["paths"]["sorted"]["seconds"]
+    (nll_s, top_s), (nll_p, top_p, _) = results["sorted"], results["plain"]
+    out["max_nll_diff"] = float((nll_s - nll_p).abs().max())
+    out["top1_agree"] = bool((top_s == top_p).all())
+    out["win_flips"] = int(((nll_s[0::2] < nll_s[1::2]) != (nll_p[0::2] < nll_p[1::2])).sum())
+    return out

@@ -14,6 +14,8 @@ Benchmarks (``--only`` takes a comma-separated list of these names):
 * ``targets`` -- target optimisation per edit, fast vs straightforward path, against the FLOP floor.
 * ``end_to_end`` -- seconds per edit (targets, keys, update) over a stream of batches, and peak RSS.
 * ``stats`` -- second-moment statistics throughput vs a plain forward pass.
+* ``scoring`` -- CounterFact scoring (rows sorted by length, the LM head only where a target token is
+  predicted) vs plain batches in the caller's order.
 
 The linear-algebra benchmarks need no model; the others load ``--model`` (SmolLM2-135M by default) once.
 Timings are medians over repeats; ratios compare methods timed in turn within the same repeats. The
@@ -63,8 +65,8 @@ from rlsedit.editors.rlsedit import RLSEditConfig
 
 log = logging.getLogger("benchmarks")
 
-BENCHMARKS = ("update_vs_history", "update_vs_resolve", "targets", "end_to_end", "stats")
-MODEL_BENCHMARKS = ("targets", "end_to_end", "stats")
+BENCHMARKS = ("update_vs_history", "update_vs_resolve", "targets", "end_to_end", "stats", "scoring")
+MODEL_BENCHMARKS = ("targets", "end_to_end", "stats", "scoring")
 
 #: Targets stated in the task for the headline ratios.
 HISTORY_TARGET = 1.2  # update@10,000 / update@first batch <= 1.2x
@@ -101,6 +103,8 @@ class Scale:
     e2e_stats_samples: int | None  # None: the editor's default statistics (user cache, computed if absent)
     stats_samples: int
     stats_repeats: int
+    scoring_cases: int = 200
+    scoring_repeats: int = 3
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -147,6 +151,8 @@ QUICK = Scale(
     e2e_stats_samples=16,
     stats_samples=8,
     stats_repeats=1,
+    scoring_cases=3,
+    scoring_repeats=1,
 )
 
 
@@ -761,12 +767,64 @@ def section_stats(ctx: Context) -> Section:
     return sec
 
 
+def section_scoring(ctx: Context) -> Section:
+    """CounterFact scoring: rows sorted by length, logits kept where needed, vs plain batches."""
+    from bench_model import bench_scoring
+    from rlsedit.datasets import load_counterfact
+
+    s = ctx.scale
+    model, tok = ctx.model()
+    sec = Section("scoring", "CounterFact scoring: sorted batches with kept logits vs plain batches")
+    sec.command = ctx.command(sec.name, f"benchmarks-{sec.name}.md")
+    cases = load_counterfact(split="tune", limit=s.scoring_cases)
+    r = bench_scoring(model, tok, cases, s.scoring_repeats, device=ctx.device)
+    sec.data = r
+    table = Table(
+        ["path", "seconds (median)", "per case", "padded positions", "LM-head positions"],
+        caption=(
+            f"{ctx.args.model}: the first {r['cases']} CounterFact tune cases, {r['pairs']:,} (prompt, "
+            f"target) pairs in batches of {r['batch_size']}, median of {s.scoring_repeats}"
+        ),
+    )
+    labels = {"sorted": "sorted + kept logits (the library's)", "plain": "plain (caller's order, all logits)"}
+    for name, label in labels.items():
+        q = r["paths"][name]
+        table.rows.append(
+            [
+                label,
+                fmt_seconds(q["seconds"]),
+                fmt_seconds(q["per_case_s"]),
+                f"{q['positions']:,}",
+                f"{q['head_positions']:,}",
+            ]
+        )
+    sec.tables.append(table)
+    agree = "every top-1 flag the same" if r["top1_agree"] else "top-1 flags DIFFER"
+    sec.summary += [
+        f"sorted {fmt_seconds(r['paths']['sorted']['per_case_s'])} per case, plain "
+        f"{fmt_seconds(r['paths']['plain']['per_case_s'])}: **{fmt_ratio(r['ratio_plain_sorted'])}** faster "
+        f"(NLLs agree to {r['max_nll_diff']:.1e}; {agree}; {r['win_flips']} of {r['pairs'] // 2} "
+        "new-vs-true preferences flipped)",
+    ]
+    sec.notes += [
+        "Both paths score the pairs of `score_counterfact` (prompt, paraphrases, neighbours, each with the "
+        "new and the true object) and run in turn in each repeat, in alternating order, without warm-up.",
+        "sorted: `rlsedit.eval.scoring.target_scores` - rows sorted by length before batching (less "
+        "padding) and, where the model takes `logits_to_keep`"
+        + (" (it does here)" if r["logits_to_keep"] else " (it does not here)")
+        + ", the LM head only at the union of a batch's positions that predict a target token. plain: "
+        "the same rows in the caller's order, every logit computed (`bench_model.plain_target_scores`).",
+    ]
+    return sec
+
+
 SECTIONS: dict[str, Callable[[Context], Section]] = {
     "update_vs_history": section_update_vs_history,
     "update_vs_resolve": section_update_vs_resolve,
     "targets": section_targets,
     "end_to_end": section_end_to_end,
     "stats": section_stats,
+    "scoring": section_scoring,
 }
 
 

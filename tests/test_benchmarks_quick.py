@@ -178,6 +178,19 @@ def test_model_benchmarks_on_a_tiny_model(tiny_model_factory) -> None:
     assert all(_positive(v) for v in st["tokens_per_s"].values())
 
 
+def test_scoring_benchmark_on_a_tiny_model(tiny_model_factory) -> None:
+    from rlsedit.datasets import load_counterfact
+
+    model, tok = tiny_model_factory("llama")
+    r = bench_model.bench_scoring(model, tok, load_counterfact(split="tune", limit=4), repeats=1)
+    assert r["pairs"] > 8 and r["logits_to_keep"]
+    assert r["max_nll_diff"] < 1e-4 and r["top1_agree"] and r["win_flips"] == 0
+    sorted_, plain = r["paths"]["sorted"], r["paths"]["plain"]
+    assert 0 < sorted_["positions"] <= plain["positions"] == plain["head_positions"]
+    assert sorted_["head_positions"] < sorted_["positions"]  # the LM head only where a target is predicted
+    assert _positive(r["ratio_plain_sorted"]) and _positive(sorted_["per_case_s"])
+
+
 def test_sizes_that_do_not_fit_in_memory_are_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tiny = dataclasses.replace(
         bench_run.QUICK,

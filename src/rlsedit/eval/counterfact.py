@@ -22,7 +22,7 @@ from rlsedit.datasets import CounterFactCase
 from rlsedit.eval.scoring import target_scores
 from rlsedit.eval.summary import summarize_metrics
 
-__all__ = ["score_counterfact", "summarize_counterfact", "COUNTERFACT_METRICS"]
+__all__ = ["COUNTERFACT_METRICS", "counterfact_pairs", "score_counterfact", "summarize_counterfact"]
 
 COUNTERFACT_METRICS = (
     "efficacy",
@@ -34,17 +34,18 @@ COUNTERFACT_METRICS = (
 )
 
 
-def score_counterfact(
-    model: nn.Module, tokenizer: Any, cases: Sequence[CounterFactCase], batch_size: int = 32
-) -> list[dict[str, Any]]:
-    """Per-case records: NLLs and top-1 flags on the prompt, each paraphrase and each neighbour.
+def counterfact_pairs(
+    cases: Sequence[CounterFactCase],
+) -> tuple[list[str], list[str], list[tuple[int, str, str]]]:
+    """The (prompt, target) pairs CounterFact scores: for each case, its prompt, each paraphrase and each
+    neighbour, each with the new and the true object.
 
-    Returns one dict per case with ``case_id``, ``efficacy``, ``generalization``, ``specificity`` (each
-    in [0, 1] for that case), their ``*_acc`` variants and the raw NLLs (``prompt_nll_new``...).
+    Returns ``(prompts, targets, index)``, ``index[j] = (case position, group, "new" | "true")`` with
+    group ``"prompt"``, ``"paraphrase"`` or ``"neighborhood"``.
     """
     prompts: list[str] = []
     targets: list[str] = []
-    index: list[tuple[int, str, str]] = []  # (case position, group, which target)
+    index: list[tuple[int, str, str]] = []
 
     def add(i: int, group: str, prompt: str, new: str, true: str) -> None:
         for which, tgt in (("new", new), ("true", true)):
@@ -62,6 +63,18 @@ def score_counterfact(
             add(i, "paraphrase", p, r.target_new, true)
         for p in c.neighborhood_prompts:
             add(i, "neighborhood", p, r.target_new, c.neighborhood_true)
+    return prompts, targets, index
+
+
+def score_counterfact(
+    model: nn.Module, tokenizer: Any, cases: Sequence[CounterFactCase], batch_size: int = 32
+) -> list[dict[str, Any]]:
+    """Per-case records: NLLs and top-1 flags on the prompt, each paraphrase and each neighbour.
+
+    Returns one dict per case with ``case_id``, ``efficacy``, ``generalization``, ``specificity`` (each
+    in [0, 1] for that case), their ``*_acc`` variants and the raw NLLs (``prompt_nll_new``...).
+    """
+    prompts, targets, index = counterfact_pairs(cases)
     nll, top1 = target_scores(model, tokenizer, prompts, targets, batch_size=batch_size)
     raw: list[dict[str, dict[str, list[tuple[float, bool]]]]] = [{} for _ in cases]
     for (i, group, which), n, t in zip(index, nll.tolist(), top1.tolist(), strict=True):
