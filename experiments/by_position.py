@@ -1,10 +1,11 @@
 """Scores of a finished run by position in its stream: one row per slice of consecutive cases.
 
 Reads a run's per-case records (``DIR/cases.jsonl``, written when a run scores every case after its
-stream) and summarises the post-edit scores of each slice of ``--every`` consecutive cases with the
-dataset's own summary (superseded cases left out), so a row shows how well the edits of that part of
-the stream survived to the end. Several runs of the same stream give one table of ``--metric``: a column
-per run, beside the unedited model's score of the same cases.
+stream, or ``DIR/cases.jsonl.gz``, the same compressed) and summarises the post-edit scores of each
+slice of ``--every`` consecutive cases with the dataset's own summary (superseded cases left out), so a
+row shows how well the edits of that part of the stream survived to the end. Several runs of the same
+stream give one table of ``--metric``: a column per run, beside the unedited model's score of the same
+cases.
 
     python experiments/by_position.py docs/results/runs/memit-zsre --every 100
     python experiments/by_position.py docs/results/runs/{rlsedit,memit}-zsre --metric generalization
@@ -13,6 +14,7 @@ per run, beside the unedited model's score of the same cases.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -25,7 +27,12 @@ METRICS = ("efficacy", "generalization", "specificity")
 def _load(run: Path) -> tuple[str, list[dict]]:
     """A run's dataset and per-case records, in stream order."""
     spec = json.loads((run / "spec.json").read_text())
-    rows = [json.loads(line) for line in (run / "cases.jsonl").read_text().splitlines() if line.strip()]
+    path = run / "cases.jsonl"
+    if not path.exists() and (run / "cases.jsonl.gz").exists():  # as committed for a long stream
+        text = gzip.decompress((run / "cases.jsonl.gz").read_bytes()).decode("utf-8")
+    else:
+        text = path.read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     return spec["dataset"], rows
 
 
@@ -63,7 +70,7 @@ def side_by_side(runs: list[Path], every: int, metric: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", metavar="run", help="finished run directories (with cases.jsonl)")
+    p.add_argument("runs", nargs="+", metavar="run", help="finished runs (with cases.jsonl[.gz])")
     p.add_argument("--every", type=int, default=100, help="cases per slice (default 100)")
     p.add_argument("--metric", choices=METRICS, default="efficacy", help="the column of several runs")
     args = p.parse_args(argv)
@@ -71,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--every must be at least 1, got {args.every}")
     runs = [Path(r) for r in args.runs]
     for run in runs:
-        if not (run / "cases.jsonl").is_file():
-            p.error(f"{run} has no cases.jsonl: only a run scored after its whole stream has one")
+        if not (run / "cases.jsonl").is_file() and not (run / "cases.jsonl.gz").is_file():
+            p.error(f"{run} has no cases.jsonl(.gz): only a run scored after its whole stream has one")
     if len(runs) > 1:
         try:
             sys.stdout.write(side_by_side(runs, args.every, args.metric))

@@ -474,6 +474,14 @@ def test_by_position_slices_a_finished_run(
     (other / "cases.jsonl").write_text("\n".join(reversed(lines)) + "\n")
     with pytest.raises(ValueError, match="not of the same stream"):
         mod.side_by_side([finished, other], 3, "efficacy")
+    import gzip  # the records committed compressed (a long stream's cases.jsonl.gz) read the same
+
+    packed = finished.parent / "packed"
+    packed.mkdir(exist_ok=True)
+    (packed / "spec.json").write_text((finished / "spec.json").read_text())
+    (packed / "cases.jsonl.gz").write_bytes(gzip.compress((finished / "cases.jsonl").read_bytes()))
+    assert mod.by_position(packed, 4) == parts
+    assert mod.main([str(packed), "--every", "3"]) == 0 and "| 1-3 |" in capsys.readouterr().out
 
 
 def test_same_command_reproduces_a_run_value_for_value(
