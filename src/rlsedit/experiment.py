@@ -306,9 +306,10 @@ def _score_in_pieces(
     piece: int = SCORE_PIECE,
 ) -> dict[str, Any]:
     """:func:`_score` of ``cases``, ``piece`` cases at a time, each piece appended to ``partial`` (JSON lines)
-    as it finishes: scoring 10,000 cases takes most of an hour on 2 CPU cores, and an interrupted one
-    resumes after its last saved piece. The first line records the editor state (``key``) and the cases;
-    pieces saved for another state or other cases are discarded, a torn last line is scored again."""
+    as it finishes: scoring 10,000 CounterFact cases takes ~18 min for SmolLM2-135M on 2 CPU cores, and an
+    interrupted one resumes after its last saved piece. The first line records the editor state (``key``)
+    and the cases; pieces saved for another state or other cases are discarded, a torn last line is
+    scored again."""
     head = {"state": key, "dataset": dataset, "case_ids": [c.case_id for c in cases]}
     rows: list[dict[str, Any]] = []
     if partial.exists():

@@ -71,7 +71,8 @@ def _teacher_forced(
         ids, mask = pad_rows([rows[i] for i in idx], pad)
         # the positions whose logits predict a target token: position j predicts token j + 1
         need = sorted({j for i in idx for j in range(spans[i][0] - 1, len(rows[i]) - 1)})
-        kwargs = {"logits_to_keep": torch.tensor(need, device=device)} if keep else {}
+        # (a CPU index: it selects on whichever device the last hidden state sits, as with a device map)
+        kwargs = {"logits_to_keep": torch.tensor(need)} if keep else {}
         logits = model(
             input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **kwargs
         ).logits
