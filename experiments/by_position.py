@@ -9,6 +9,7 @@ cases.
 
     python experiments/by_position.py docs/results/runs/memit-zsre --every 100
     python experiments/by_position.py docs/results/runs/{rlsedit,memit}-zsre --metric generalization
+    python experiments/by_position.py docs/results/runs/rlsedit-cf10k --every 1000 --metric efficacy
 """
 
 from __future__ import annotations
@@ -72,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="run", help="finished runs (with cases.jsonl[.gz])")
     p.add_argument("--every", type=int, default=100, help="cases per slice (default 100)")
-    p.add_argument("--metric", choices=METRICS, default="efficacy", help="the column of several runs")
+    p.add_argument(
+        "--metric",
+        choices=METRICS,
+        default=None,
+        help="one metric beside the unedited model's: a column per run (default with several runs: efficacy)",
+    )
     args = p.parse_args(argv)
     if args.every < 1:
         p.error(f"--every must be at least 1, got {args.every}")
@@ -80,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         if not (run / "cases.jsonl").is_file() and not (run / "cases.jsonl.gz").is_file():
             p.error(f"{run} has no cases.jsonl(.gz): only a run scored after its whole stream has one")
-    if len(runs) > 1:
+    if len(runs) > 1 or args.metric:
         try:
-            sys.stdout.write(side_by_side(runs, args.every, args.metric))
+            sys.stdout.write(side_by_side(runs, args.every, args.metric or "efficacy"))
         except ValueError as e:
             p.error(str(e))
         return 0

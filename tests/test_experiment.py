@@ -482,6 +482,9 @@ def test_by_position_slices_a_finished_run(
     (packed / "cases.jsonl.gz").write_bytes(gzip.compress((finished / "cases.jsonl").read_bytes()))
     assert mod.by_position(packed, 4) == parts
     assert mod.main([str(packed), "--every", "3"]) == 0 and "| 1-3 |" in capsys.readouterr().out
+    # one run and --metric: that metric beside the unedited model's score of the same slices
+    assert mod.main([str(packed), "--every", "3", "--metric", "efficacy"]) == 0
+    assert mod.side_by_side([packed], 3, "efficacy") == capsys.readouterr().out
 
 
 def test_same_command_reproduces_a_run_value_for_value(
