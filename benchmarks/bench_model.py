@@ -26,6 +26,7 @@ from torch import nn
 
 from benchlib import RssSampler, max_rss_bytes, median, rss_bytes, timed
 from rlsedit.editors import make_editor
+from rlsedit.eval.scoring import pair_rows
 from rlsedit.hooks import trace
 from rlsedit.locate.targets import TargetConfig, compute_targets
 from rlsedit.locate.tokens import pad_id_of, pad_rows
@@ -443,12 +444,7 @@ def plain_target_scores(
     """
     device = input_device(model)
     pad = pad_id_of(tokenizer)
-    rows, spans = [], []
-    for p, t in zip(prompts, targets, strict=True):
-        p_ids = list(tokenizer(p, add_special_tokens=True)["input_ids"])
-        t_ids = list(tokenizer(" " + t.strip(), add_special_tokens=False)["input_ids"])
-        rows.append(p_ids + t_ids)
-        spans.append((len(p_ids), t_ids))
+    rows, spans = pair_rows(tokenizer, prompts, targets)
     nll, top1 = torch.empty(len(rows)), torch.zeros(len(rows), dtype=torch.bool)
     positions = 0
     for s in range(0, len(rows), batch_size):
@@ -468,12 +464,8 @@ def _sorted_positions(
 ) -> dict[str, int]:
     """Padded positions and LM-head positions of the library's scoring (rows sorted by length; the head
     only at the union of a batch's target-predicting positions), counted without running the model."""
-    rows = []
-    for p, t in zip(prompts, targets, strict=True):
-        p_len = len(tokenizer(p, add_special_tokens=True)["input_ids"])
-        t_len = len(tokenizer(" " + t.strip(), add_special_tokens=False)["input_ids"])
-        rows.append((p_len + t_len, p_len))
-    rows.sort()
+    ids, spans = pair_rows(tokenizer, prompts, targets)
+    rows = sorted((len(r), p_len) for r, (p_len, _) in zip(ids, spans, strict=True))
     positions = head = 0
     for s in range(0, len(rows), batch_size):
         chunk = rows[s : s + batch_size]

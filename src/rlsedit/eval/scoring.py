@@ -15,6 +15,7 @@ from rlsedit.models.arch import input_device
 __all__ = [
     "continuation_logprobs",
     "greedy_continuations",
+    "pair_rows",
     "target_nll",
     "target_scores",
     "target_token_top1",
@@ -24,6 +25,25 @@ __all__ = [
 def _target_ids(tokenizer, target: str) -> list[int]:
     """Token ids of ``" " + target.strip()`` (no special tokens)."""
     return list(tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"])
+
+
+def pair_rows(
+    tokenizer, prompts: Sequence[str], targets: Sequence[str]
+) -> tuple[list[list[int]], list[tuple[int, list[int]]]]:
+    """Token rows of (prompt, target) pairs as they are scored: ``rows[i]`` = the prompt's ids (with the
+    tokenizer's special tokens) followed by ``" " + target``'s (without), ``spans[i] = (prompt length,
+    target ids)``."""
+    if len(prompts) != len(targets):
+        raise ValueError("prompts and targets must have the same length")
+    rows, spans = [], []
+    for p, t in zip(prompts, targets, strict=True):
+        p_ids = list(tokenizer(p, add_special_tokens=True)["input_ids"])
+        t_ids = _target_ids(tokenizer, t)
+        if not t_ids:
+            raise ValueError(f"target {t!r} tokenises to nothing")
+        rows.append(p_ids + t_ids)
+        spans.append((len(p_ids), t_ids))
+    return rows, spans
 
 
 def _keeps_logits(model: nn.Module) -> bool:
@@ -51,17 +71,8 @@ def _teacher_forced(
     little padding), and where the model takes ``logits_to_keep`` the LM head runs only at the positions
     that predict a target token; the results are the same as one row at a time up to float rounding.
     """
-    if len(prompts) != len(targets):
-        raise ValueError("prompts and targets must have the same length")
     device = input_device(model)
-    rows, spans = [], []
-    for p, t in zip(prompts, targets, strict=True):
-        p_ids = list(tokenizer(p, add_special_tokens=True)["input_ids"])
-        t_ids = _target_ids(tokenizer, t)
-        if not t_ids:
-            raise ValueError(f"target {t!r} tokenises to nothing")
-        rows.append(p_ids + t_ids)
-        spans.append((len(p_ids), t_ids))
+    rows, spans = pair_rows(tokenizer, prompts, targets)
     pad = pad_id_of(tokenizer)
     keep = _keeps_logits(model)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
