@@ -4,7 +4,7 @@ Compares every JSON and JSONL file two run folders share (checkpoint scores, ret
 fluency, general capability, batch reports with their residuals and objective terms, per-case records,
 the final results and the run's spec), value by value, and lists the values that differ. Wall-clock and
 memory figures (``seconds``, ``timings``, ``memory``), whether targets came from a cache
-(``targets_cached``) and the command line that made the run (``command``, ``invocations.json``) are left
+(``targets_cached``) and the command line that made the run (``command``, ``invocations.json``) and the replays' record (``replays.json``) are left
 out: they differ between two runs of the same experiment. The editor's state (``editor/``) is not read.
 
 With ``--prefix`` the runs may be at different points of the same stream (a rerun still going, say):
@@ -30,7 +30,7 @@ from rlsedit.compare import diff_values
 from rlsedit.store import CorruptStateError, load_json
 
 #: Files not compared at all (the command lines that made or resumed the run).
-IGNORED_FILES = frozenset({"invocations.json"})
+IGNORED_FILES = frozenset({"invocations.json", "replays.json"})
 #: Files that hold one entry per batch or per case, in stream order (``--prefix`` compares the common part).
 STREAM_FILES = frozenset({"batches.json", "cases.jsonl"})
 

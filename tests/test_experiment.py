@@ -644,6 +644,63 @@ def test_a_recorded_stream_replays_from_its_files_and_cached_targets(
     assert (bad / "batches.json").read_bytes() == before
 
 
+
+def test_a_replay_on_another_machine_reads_the_recorded_targets_within_a_stated_tolerance(
+    model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another CPU rounds differently, so its weights hash to other targets-cache keys and its reports
+    differ from the record in the last bits. The replay reads each batch's targets from the file the
+    record names (or, for a record written before batches kept the keys, the one file whose NLLs are the
+    recorded ones) and accepts differences within ``--replay-rtol``, keeping each batch's largest
+    difference in replays.json; the default tolerance refuses them, and says how to go on."""
+    import logging
+
+    from rlsedit.experiment import REPLAY_FILE, REPLAY_MISMATCH_FILE, ReplayMismatch
+
+    stats = tmp_path / "stats"
+    first = tmp_path / "first"
+    argv = [*_stream_argv(model_dir, first, stats), "--targets-cache", str(first / "targets")]
+    assert cli.main([*argv, "--stop-after", "3"]) == 0
+    (recorded_file,) = (first / "targets").glob("*.safetensors")
+    (record,) = json.loads((first / "batches.json").read_text())
+    assert record["targets_keys"] == [recorded_file.name[len("targets-") : -len(".safetensors")]]
+
+    other = tmp_path / "other"  # the committed files, as another machine sees them
+    _seed(first, other)
+    (other / "targets" / recorded_file.name).rename(other / "targets" / "targets-recorded.safetensors")
+    record.pop("targets_keys")  # a record written before batches kept their targets' keys
+    record["residual_after"] *= 1 + 1e-5  # the last bits of another CPU
+    (other / "batches.json").write_text(json.dumps([record]))
+    argv = [*_stream_argv(model_dir, other, stats), "--targets-cache", str(other / "targets")]
+    with pytest.raises(ReplayMismatch, match="--replay-rtol"):
+        run_experiment(_stream_spec(model_dir), other, stats_dir=stats, targets_cache=other / "targets")
+    assert cli.main(argv) == 1  # the folder is refused from then on
+    assert (other / REPLAY_MISMATCH_FILE).is_file()
+    # as the message says: drop the editor state and the refusal, replay with a larger tolerance
+    import shutil
+
+    shutil.rmtree(other / "editor")
+    (other / REPLAY_MISMATCH_FILE).unlink()
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--replay-rtol", "0"])
+    with caplog.at_level(logging.INFO, logger="rlsedit"):
+        assert cli.main([*argv, "--replay-rtol", "1e-4"]) == 0
+    assert "targets-recorded.safetensors" in caplog.text  # read back, not optimised again
+    # the recorded file plus the new batch's (the failed attempt's optimised batch 1 is one more)
+    names = {p.name for p in (other / "targets").glob("*.safetensors")}
+    assert "targets-recorded.safetensors" in names
+    batches = json.loads((other / "batches.json").read_text())
+    assert len(batches) == 2 and f"targets-{batches[1]['targets_keys'][0]}.safetensors" in names
+    replays = json.loads((other / REPLAY_FILE).read_text())
+    assert [(r["command"], r["rtol"]) for r in replays] == [(None, 1e-6), (replays[1]["command"], 1e-4)]
+    assert "--replay-rtol 1e-4" in replays[1]["command"]
+    assert replays[0]["batches"] == []  # refused before its batch was recorded as replayed
+    (checked,) = replays[1]["batches"]
+    assert checked["where"] == "residual_after" and checked["differing"] == 1
+    assert checked["max_relative_difference"] == pytest.approx(1e-5, rel=1e-3)
+    assert json.loads((other / "results.json").read_text())["edits"] == 6
+
+
 def test_report_stream_plot_log_scale_only_for_an_outlier_batch() -> None:
     from rlsedit.report import _has_outlier
 

@@ -49,6 +49,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def _check_same_overrides(editor: Any, overrides: dict[str, Any], run: Path) -> None:
     """On resume, ``--set`` may only repeat the run's settings (so the same command can be re-run)."""
     from rlsedit.editors.base import build_config
@@ -389,6 +400,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         targets_cache=args.targets_cache,
         pre_cache=args.pre_cache,
         stop_after=args.stop_after,
+        **({} if args.replay_rtol is None else {"replay_rtol": args.replay_rtol}),
     )
     if res.get("stopped_after") is not None:
         rows = [("before editing", res["pre"])] if res["pre"] else []
@@ -573,6 +585,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--targets-cache",
         default=None,
         help="folder keeping optimised targets; reused for the same model state and requests",
+    )
+    rn.add_argument(
+        "--replay-rtol",
+        type=_positive_float,
+        default=None,
+        help="relative tolerance of a replayed batch against its record, for a folder seeded with a "
+        "recorded run's files (default 1e-6: the same machine; another CPU differs in the last bits)",
     )
     rn.add_argument(
         "--pre-cache",

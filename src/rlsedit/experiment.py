@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlsedit.compare import diff_values
+from rlsedit.compare import diff_values, equal_values
 from rlsedit.datasets import CounterFactCase, ZsreCase, load_counterfact, load_zsre, superseded_cases
 from rlsedit.eval.counterfact import score_counterfact, summarize_counterfact
 from rlsedit.eval.zsre import score_zsre, summarize_zsre
@@ -438,9 +438,13 @@ def timing_sums(
     return sums, n
 
 
-#: Relative tolerance of a replayed batch's report against its record (a replay on the same machine and
-#: software reproduces every value exactly).
+#: Default relative tolerance of a replayed batch's report against its record (a replay on the same
+#: machine and software reproduces every value exactly; another CPU rounds differently in the last bits).
 REPLAY_RTOL = 1e-6
+
+#: Written into a run folder by every replay: per invocation, the tolerance and each replayed batch's
+#: largest relative difference from its record.
+REPLAY_FILE = "replays.json"
 
 
 class ReplayMismatch(RuntimeError):
@@ -451,24 +455,88 @@ class ReplayMismatch(RuntimeError):
 REPLAY_MISMATCH_FILE = "replay-mismatch.json"
 
 
-def _check_replay(out: Path, recorded: dict[str, Any], entry: dict[str, Any], n_cases: int) -> None:
-    """Refuse to go on when a replayed batch's report differs from the recorded one (timings aside).
+def _relative_difference(a: Any, b: Any) -> float:
+    """|a - b| / max(|a|, |b|) of two numbers (0 for equal ones, inf for anything else that differs)."""
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
+    if numbers:
+        if a == b or (math.isnan(a) and math.isnan(b)):
+            return 0.0
+        return abs(a - b) / max(abs(a), abs(b))
+    return math.inf
+
+
+def _check_replay(
+    out: Path, recorded: dict[str, Any], entry: dict[str, Any], n_cases: int, rtol: float
+) -> dict[str, Any]:
+    """Refuse to go on when a replayed batch's report differs from the recorded one (timings aside) by
+    more than relative tolerance ``rtol``; return the comparison (values compared, values differing at
+    all, the largest relative difference and where).
 
     The batch is already in the editor's state by then, so the refusal is written into the folder
     (:data:`REPLAY_MISMATCH_FILE`): the same command must not resume past the mismatched batch."""
-    n, diffs = diff_values(recorded, entry, REPLAY_RTOL)
+    n, every = diff_values(recorded, entry, 0.0)
+    rel = [(_relative_difference(a, b), p) for p, a, b in every]
+    worst = max(rel, default=(0.0, None))
+    diffs = [(p, a, b) for p, a, b in every if not equal_values(a, b, rtol)]
     if diffs:
         shown = "; ".join(f"{p}: recorded {a!r}, replayed {b!r}" for p, a, b in diffs[:3])
         message = (
             f"batch {entry.get('batch_id')} (edits {entry['edits_after']} of {n_cases}) replayed differently "
-            f"from its record in batches.json ({len(diffs)} of {n} values differ; {shown}). This machine or "
-            "software does not reproduce the recorded stream (or --targets-cache lacks its targets and they "
-            "were optimised again): the folder's checkpoints describe another model state. Start a new "
-            "folder to run the stream from scratch."
+            f"from its record in batches.json ({len(diffs)} of {n} values differ by more than the relative "
+            f"tolerance {rtol:g}; {shown}). This machine or software does not reproduce the recorded stream "
+            "(or --targets-cache lacks its targets and they were optimised again): the folder's checkpoints "
+            "describe another model state. Start a new folder to run the stream from scratch; or, where the "
+            "differences are another CPU's rounding, remove the folder's editor/ and "
+            f"{REPLAY_MISMATCH_FILE} and replay with a larger --replay-rtol (each batch's largest difference "
+            f"is kept in {REPLAY_FILE})."
         )
         save_json(out / REPLAY_MISMATCH_FILE, {"message": message})
         raise ReplayMismatch(message)
-    log.info("batch %d replayed: %d values the same as recorded", entry.get("batch_id"), n)
+    if every:
+        log.info(
+            "batch %d replayed: %d values, %d within the relative tolerance %g of the record (largest "
+            "difference %.3g, %s)",
+            entry.get("batch_id"),
+            n,
+            len(every),
+            rtol,
+            worst[0],
+            worst[1],
+        )
+    else:
+        log.info("batch %d replayed: %d values the same as recorded", entry.get("batch_id"), n)
+    return {
+        "batch_id": entry.get("batch_id"),
+        "values": n,
+        "differing": len(every),
+        "max_relative_difference": worst[0],
+        "where": worst[1],
+    }
+
+
+def _recorded_targets_keys(cache: Path | None, record: dict[str, Any], index: dict[str, Any]) -> list[str]:
+    """The targets cache keys a recorded batch used: its ``targets_keys`` or, for a record written before
+    batches kept them, the one file in ``cache`` holding ``n_requests`` targets whose mean initial and
+    final NLL are exactly the recorded ones (none where no single file matches). ``index`` memoises the
+    files' figures across calls."""
+    if "targets_keys" in record:
+        return list(record["targets_keys"])
+    if cache is None or not cache.is_dir():
+        return []
+    from rlsedit.store import load_tensors
+
+    if not index:
+        for path in sorted(cache.glob("targets-*.safetensors")):
+            try:
+                t = load_tensors(path)
+                figures = (int(t["z"].shape[0]), float(t["nll_init"].mean()), float(t["nll_final"].mean()))
+            except Exception as exc:  # an unreadable file matches nothing
+                log.warning("ignoring the cached target file %s: %s", path, exc)
+                continue
+            index[path.name[len("targets-") : -len(".safetensors")]] = figures
+    want = (int(record["n_requests"]), record.get("target_nll_init"), record.get("target_nll_final"))
+    keys = [k for k, figures in index.items() if figures == want]
+    return keys if len(keys) == 1 else []
 
 
 def _checkpoint(model, tok, spec: ExperimentSpec, edited: list[Case]) -> dict[str, Any]:
@@ -505,6 +573,7 @@ def run_experiment(
     targets_cache: str | Path | None = None,
     pre_cache: str | Path | None = None,
     stop_after: int | None = None,
+    replay_rtol: float = REPLAY_RTOL,
 ) -> dict[str, Any]:
     """Run (or resume) the experiment ``spec`` in folder ``out``; return the results dict.
 
@@ -520,6 +589,11 @@ def run_experiment(
     (several methods run on the same stream share their first batch's targets). The unedited model is
     scored on every case after the stream (on a fresh copy of the model), so that editing starts at once;
     ``pre_cache``: a folder keeping those per-case scores, shared by runs on the same model and dataset.
+
+    A folder seeded with a recorded run's files but no editor state (what is committed of a run)
+    replays the recorded batches first, each with the targets its record names, and refuses to go on
+    past one whose report differs from the record by more than ``replay_rtol`` (relative); each replayed
+    batch's largest difference is kept in :data:`REPLAY_FILE`.
     """
     from rlsedit.editors import load_editor, make_editor
     from rlsedit.models.load import load_model
@@ -579,13 +653,19 @@ def run_experiment(
         recorded = {
             int(r["chunk"]): i for i, r in enumerate(reports) if int(r["chunk"]) >= len(editor.batches)
         }
+        replay_log: list[dict[str, Any]] = []
         if recorded:
             log.info(
                 "replaying %d recorded batches (targets from --targets-cache where it has them); each is "
                 "checked against its record in batches.json",
                 len(recorded),
             )
+            replays_path = out / REPLAY_FILE
+            replays = load_json(replays_path) if replays_path.exists() else []
+            replays.append({"command": command, "rtol": replay_rtol, "batches": replay_log})
+            save_json(replays_path, replays)  # a refused replay is on record too
         n_replayed = 0
+        target_index: dict[str, Any] = {}
         done = 0
         stopped_at: int | None = None  # the index of the first chunk not applied, if stopped
         # a stop falls at the end of the chunk that reaches stop_after
@@ -599,9 +679,16 @@ def run_experiment(
             if stop_after is not None and done >= stop_after:
                 stopped_at = k
                 break
-            rep = editor.edit([c.request for c in chunk])
-            done += len(chunk)
             replay = k in recorded  # this chunk's batch is in batches.json, but not in the editor's state
+            if replay and targets_cache is not None:
+                editor.replay_targets = _recorded_targets_keys(
+                    Path(targets_cache), reports[recorded[k]], target_index
+                )
+            try:
+                rep = editor.edit([c.request for c in chunk])
+            finally:
+                editor.replay_targets = None
+            done += len(chunk)
             if rep.batches and not replay:  # applied now (a resumed run skips the chunks applied before)
                 pace.add(len(chunk), rep.seconds())
             objective = _objective(editor) if rep.batches else None
@@ -611,7 +698,9 @@ def run_experiment(
                 if objective is not None:
                     entry["objective"] = objective
                 if replay:
-                    _check_replay(out, reports[recorded[k]], entry, len(cases))
+                    checked = _check_replay(out, reports[recorded[k]], entry, len(cases), replay_rtol)
+                    replay_log.append(checked)
+                    save_json(replays_path, replays)
                     n_replayed += 1
                     continue
                 reports.append(entry)
@@ -639,7 +728,12 @@ def run_experiment(
                 log.info("general capability after %d edits", done)
                 save_json(cap_ck, {"edits": done, **_capability(model, tok, spec.capability)})
     if n_replayed:
-        log.info("replayed %d recorded batches: each the same as its record", n_replayed)
+        worst = max((b["max_relative_difference"] for b in replay_log), default=0.0)
+        log.info(
+            "replayed %d recorded batches: each as recorded (largest relative difference %.3g)",
+            n_replayed,
+            worst,
+        )
     if stopped_at is not None:
         if gen_cases and len(editor.batches) == stopped_at:  # the model holds exactly the first `done` edits
             _generation_at(out, done, editor, model, tok, gen_cases, spec)

@@ -175,6 +175,9 @@ class BatchReport:
             (||dW||_F), ``weight_norm`` (||W||_F).
         residual_before / residual_after: mean ||z - h|| at the last edited layer before and after.
         target_nll_init / target_nll_final: mean NLL of the new targets during target optimisation.
+        targets_cached: whether every target came from a ``--targets-cache``.
+        targets_keys: with a targets cache, the cache key of each target result the batch used, in order
+            (the file ``targets-<key>.safetensors``); a replay of the batch reads these back.
         timings: seconds for ``targets``, ``keys``, ``update``, ``save`` and ``total``.
     """
 
@@ -187,6 +190,7 @@ class BatchReport:
     target_nll_init: float = float("nan")
     target_nll_final: float = float("nan")
     targets_cached: bool = False
+    targets_keys: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -807,6 +811,7 @@ class LocateThenEditEditor:
         report.target_nll_init = mean([s.target_nll_init for s in subs])
         report.target_nll_final = mean([s.target_nll_final for s in subs])
         report.targets_cached = all(s.targets_cached for s in subs)
+        report.targets_keys = [k for s in subs for k in s.targets_keys]
         for layer, p in merged.items():
             report.layers[layer] = {
                 "residual_norm": mean([s.layers[layer]["residual_norm"] for s in subs]),
@@ -833,6 +838,8 @@ class LocateThenEditEditor:
         report.target_nll_init = float(tr.nll_init.mean())
         report.target_nll_final = float(tr.nll_final.mean())
         report.targets_cached = bool(tr.extra.get("cached", False))
+        if "cache_key" in tr.extra:
+            report.targets_keys = [tr.extra["cache_key"]]
         timings = {"targets": time.perf_counter() - t0, "keys": 0.0, "update": 0.0}
         pendings: dict[int, _Pending] = {}
         weights = self._weights()
@@ -864,6 +871,9 @@ class LocateThenEditEditor:
 
     #: Optional folder caching target results (set by ``rlsedit run --targets-cache``); see :meth:`_targets`.
     targets_cache: str | Path | None = None
+    #: Cache keys recorded for the batch being replayed (set by :func:`rlsedit.experiment.run_experiment`),
+    #: consumed in order by :meth:`_targets` instead of keys computed from the current weights.
+    replay_targets: list[str] | None = None
 
     def _targets_key(self, reqs: list[EditRequest], layer: int) -> str:
         """Everything the targets depend on: the model (architecture and all weights, with the edited
@@ -888,19 +898,27 @@ class LocateThenEditEditor:
 
         With ``targets_cache`` set, a result computed before for exactly the same model state, requests,
         templates and settings is read back instead of optimised again (e.g. the first batch of
-        several methods compared on the same stream, or a recorded stream replayed). The file keeps
-        ``z``, the NLLs and the steps; ``h0`` is recomputed on reading (one forward of the bare prompts).
+        several methods compared on the same stream). The file keeps ``z``, the NLLs and the steps;
+        ``h0`` is recomputed on reading (one forward of the bare prompts). While ``replay_targets`` holds
+        keys (a recorded batch replayed), the next one names the file instead: a replay on another
+        machine, whose weights differ from the recorded ones in the last bits, reads the targets the
+        recorded stream used. ``extra["cache_key"]`` names the file read or written.
         """
         from rlsedit.locate.targets import TargetResult
         from rlsedit.store import load_tensors, save_tensors
 
         cfg = self.config
         path = None
+        key = None
+        replayed = bool(self.replay_targets)
         if self.targets_cache is not None:
-            path = Path(self.targets_cache) / f"targets-{self._targets_key(reqs, layer)}.safetensors"
+            key = self.replay_targets.pop(0) if self.replay_targets else self._targets_key(reqs, layer)
+            path = Path(self.targets_cache) / f"targets-{key}.safetensors"
             if path.is_file():
                 try:
                     t = load_tensors(path)
+                    if t["z"].shape[0] != len(reqs):
+                        raise KeyError(f"{t['z'].shape[0]} targets for {len(reqs)} requests")
                     log.info("targets read from the cache %s", path)
                     # h0 (the hidden states before optimisation) is cheap to recompute and not kept
                     h0 = t.get("h0")
@@ -913,12 +931,16 @@ class LocateThenEditEditor:
                         nll_final=t["nll_final"],
                         steps=t["steps"],
                         seconds=0.0,
-                        extra={"cached": True},
+                        extra={"cached": True, "cache_key": key},
                     )
                 except (CorruptStateError, KeyError) as exc:
                     log.warning("ignoring a corrupt cached target file %s: %s", path, exc)
         tr = compute_targets(self.model, self.tokenizer, reqs, layer, self.templates, cfg.targets)
         if path is not None:
+            if replayed:  # the recorded key's file is missing: keep the result under this state's key
+                key = self._targets_key(reqs, layer)
+                path = Path(self.targets_cache) / f"targets-{key}.safetensors"
+            tr.extra["cache_key"] = key
             path.parent.mkdir(parents=True, exist_ok=True)
             save_tensors(
                 path,
