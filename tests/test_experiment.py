@@ -644,7 +644,6 @@ def test_a_recorded_stream_replays_from_its_files_and_cached_targets(
     assert (bad / "batches.json").read_bytes() == before
 
 
-
 def test_a_replay_on_another_machine_reads_the_recorded_targets_within_a_stated_tolerance(
     model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -694,6 +693,7 @@ def test_a_replay_on_another_machine_reads_the_recorded_targets_within_a_stated_
     replays = json.loads((other / REPLAY_FILE).read_text())
     assert [(r["command"], r["rtol"]) for r in replays] == [(None, 1e-6), (replays[1]["command"], 1e-4)]
     assert "--replay-rtol 1e-4" in replays[1]["command"]
+    assert replays[1]["machine"]["torch"] and replays[1]["machine"]["threads"] >= 1
     assert replays[0]["batches"] == []  # refused before its batch was recorded as replayed
     (checked,) = replays[1]["batches"]
     assert checked["where"] == "residual_after" and checked["differing"] == 1

@@ -455,6 +455,27 @@ class ReplayMismatch(RuntimeError):
 REPLAY_MISMATCH_FILE = "replay-mismatch.json"
 
 
+def machine() -> dict[str, Any]:
+    """What decides a run's rounding on this machine: the CPU's model name, the instruction set torch's
+    kernels use (``"AVX2"``, ``"AVX512"``, ...), torch's version and its thread count."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
 def _relative_difference(a: Any, b: Any) -> float:
     """|a - b| / max(|a|, |b|) of two numbers (0 for equal ones, inf for anything else that differs)."""
     numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
@@ -662,7 +683,9 @@ def run_experiment(
             )
             replays_path = out / REPLAY_FILE
             replays = load_json(replays_path) if replays_path.exists() else []
-            replays.append({"command": command, "rtol": replay_rtol, "batches": replay_log})
+            replays.append(
+                {"command": command, "machine": machine(), "rtol": replay_rtol, "batches": replay_log}
+            )
             save_json(replays_path, replays)  # a refused replay is on record too
         n_replayed = 0
         target_index: dict[str, Any] = {}
