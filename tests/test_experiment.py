@@ -694,7 +694,8 @@ def test_a_replay_on_another_machine_reads_the_recorded_targets_within_a_stated_
     assert [(r["command"], r["rtol"]) for r in replays] == [(None, 1e-6), (replays[1]["command"], 1e-4)]
     assert "--replay-rtol 1e-4" in replays[1]["command"]
     assert replays[1]["machine"]["torch"] and replays[1]["machine"]["threads"] >= 1
-    assert replays[0]["batches"] == []  # refused before its batch was recorded as replayed
+    (refused,) = replays[0]["batches"]  # the refused batch's comparison is on record
+    assert refused["refused"] and refused["where"] == "residual_after"
     (checked,) = replays[1]["batches"]
     assert checked["where"] == "residual_after" and checked["differing"] == 1
     assert checked["max_relative_difference"] == pytest.approx(1e-5, rel=1e-3)

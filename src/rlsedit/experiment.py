@@ -448,7 +448,13 @@ REPLAY_FILE = "replays.json"
 
 
 class ReplayMismatch(RuntimeError):
-    """A replayed batch does not reproduce its record: the folder's later files describe another stream."""
+    """A replayed batch does not reproduce its record: the folder's later files describe another stream.
+
+    ``checked``: the comparison of the refused batch (as :func:`_check_replay` returns it), if any."""
+
+    def __init__(self, message: str, checked: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.checked = checked
 
 
 #: Written into a run folder whose replay did not reproduce its record; the folder is refused from then on.
@@ -499,6 +505,13 @@ def _check_replay(
     rel = [(_relative_difference(a, b), p) for p, a, b in every]
     worst = max(rel, default=(0.0, None))
     diffs = [(p, a, b) for p, a, b in every if not equal_values(a, b, rtol)]
+    checked = {
+        "batch_id": entry.get("batch_id"),
+        "values": n,
+        "differing": len(every),
+        "max_relative_difference": worst[0],
+        "where": worst[1],
+    }
     if diffs:
         shown = "; ".join(f"{p}: recorded {a!r}, replayed {b!r}" for p, a, b in diffs[:3])
         message = (
@@ -512,7 +525,7 @@ def _check_replay(
             f"is kept in {REPLAY_FILE})."
         )
         save_json(out / REPLAY_MISMATCH_FILE, {"message": message})
-        raise ReplayMismatch(message)
+        raise ReplayMismatch(message, {**checked, "refused": True})
     if every:
         log.info(
             "batch %d replayed: %d values, %d within the relative tolerance %g of the record (largest "
@@ -526,13 +539,7 @@ def _check_replay(
         )
     else:
         log.info("batch %d replayed: %d values the same as recorded", entry.get("batch_id"), n)
-    return {
-        "batch_id": entry.get("batch_id"),
-        "values": n,
-        "differing": len(every),
-        "max_relative_difference": worst[0],
-        "where": worst[1],
-    }
+    return checked
 
 
 def _recorded_targets_keys(cache: Path | None, record: dict[str, Any], index: dict[str, Any]) -> list[str]:
@@ -721,7 +728,12 @@ def run_experiment(
                 if objective is not None:
                     entry["objective"] = objective
                 if replay:
-                    checked = _check_replay(out, reports[recorded[k]], entry, len(cases), replay_rtol)
+                    try:
+                        checked = _check_replay(out, reports[recorded[k]], entry, len(cases), replay_rtol)
+                    except ReplayMismatch as exc:  # the refused batch's comparison is on record too
+                        replay_log.append(exc.checked)
+                        save_json(replays_path, replays)
+                        raise
                     replay_log.append(checked)
                     save_json(replays_path, replays)
                     n_replayed += 1
