@@ -702,6 +702,44 @@ def test_a_replay_on_another_machine_reads_the_recorded_targets_within_a_stated_
     assert json.loads((other / "results.json").read_text())["edits"] == 6
 
 
+def test_recorded_targets_are_found_by_key_or_by_their_unique_nlls(tmp_path: Path) -> None:
+    """A record's ``targets_keys`` win; an older record finds the one file with its request count and its
+    exact mean NLLs, and none where two files match (or the figures differ)."""
+    import torch
+
+    from rlsedit.experiment import _recorded_targets_keys, _relative_difference
+    from rlsedit.store import save_tensors
+
+    def put(name: str, n: int, init: float, final: float) -> None:
+        save_tensors(
+            tmp_path / f"targets-{name}.safetensors",
+            {
+                "z": torch.zeros(n, 4),
+                "nll_init": torch.full((n,), init),
+                "nll_final": torch.full((n,), final),
+                "steps": torch.ones(n, dtype=torch.long),
+            },
+        )
+
+    put("a", 3, 9.5, 0.25)
+    put("b", 3, 8.5, 0.25)
+    put("c", 2, 9.5, 0.25)
+    old = {"n_requests": 3, "target_nll_init": 9.5, "target_nll_final": 0.25}
+    assert _recorded_targets_keys(tmp_path, {**old, "targets_keys": ["x", "y"]}, {}) == ["x", "y"]
+    index: dict = {}
+    assert _recorded_targets_keys(tmp_path, old, index) == ["a"]
+    assert set(index) == {"a", "b", "c"}  # read once, reused
+    assert _recorded_targets_keys(tmp_path, {**old, "target_nll_final": 0.5}, index) == []
+    assert _recorded_targets_keys(tmp_path, {**old, "n_requests": 2}, index) == ["c"]
+    put("d", 3, 9.5, 0.25)  # two files with the record's figures: neither is trusted
+    assert _recorded_targets_keys(tmp_path, old, {}) == []
+    assert _recorded_targets_keys(tmp_path / "absent", old, {}) == []
+
+    assert _relative_difference(2.0, 2.0) == 0.0 and _relative_difference(float("nan"), float("nan")) == 0.0
+    assert _relative_difference(1.0, 1.25) == pytest.approx(0.2)
+    assert _relative_difference(1, "1") == float("inf") and _relative_difference(True, 1.0) == float("inf")
+
+
 def test_report_stream_plot_log_scale_only_for_an_outlier_batch() -> None:
     from rlsedit.report import _has_outlier
 
