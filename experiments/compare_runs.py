@@ -3,9 +3,10 @@
 Compares every JSON and JSONL file two run folders share (checkpoint scores, retention, generations and
 fluency, general capability, batch reports with their residuals and objective terms, per-case records,
 the final results and the run's spec), value by value, and lists the values that differ. Wall-clock and
-memory figures (``seconds``, ``timings``, ``memory``), whether targets came from a cache
-(``targets_cached``) and the command line that made the run (``command``, ``invocations.json``) and the replays' record (``replays.json``) are left
-out: they differ between two runs of the same experiment. The editor's state (``editor/``) is not read.
+memory figures (``seconds``, ``timings``, ``memory``), whether targets came from a cache and the cache
+files' names (``targets_cached``, ``targets_keys``), the command line that made the run (``command``,
+``invocations.json``) and the record of replays (``replays.json``) are left out: they differ between two
+runs of the same experiment. The editor's state (``editor/``) is not read.
 
 With ``--prefix`` the runs may be at different points of the same stream (a rerun still going, say):
 files only one of them has are skipped, and of the per-batch and per-case lists only the part both have

@@ -740,6 +740,36 @@ def test_recorded_targets_are_found_by_key_or_by_their_unique_nlls(tmp_path: Pat
     assert _relative_difference(1, "1") == float("inf") and _relative_difference(True, 1.0) == float("inf")
 
 
+def test_replay_divergence_tables_each_batch_last_accepted_replay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """experiments/replay_divergence.py: one column per run, a batch's last replay that was not refused,
+    the machines named; a folder without replays.json is an error."""
+    mod = _script("replay_divergence", monkeypatch)
+
+    def check(i: int, diff: float, **extra: Any) -> dict[str, Any]:
+        return {"batch_id": i, "values": 9, "differing": 1, "max_relative_difference": diff, **extra}
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    machine = {"cpu": "X", "cpu_capability": "AVX2", "torch": "2", "threads": 2}
+    (a / "replays.json").write_text(
+        json.dumps(
+            [
+                {"command": "c1", "rtol": 1e-6, "batches": [check(0, 1e-7), check(1, 0.5, refused=True)]},
+                {"command": "c2", "machine": machine, "rtol": 1, "batches": [check(0, 2e-7), check(1, 0.25)]},
+            ]
+        )
+    )
+    (b / "replays.json").write_text(json.dumps([{"command": "c", "rtol": 1, "batches": [check(0, 3e-7)]}]))
+    assert mod.main([str(a), str(b), "--every", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| 0 | 2.0e-07 | 3.0e-07 |" in out and "| 1 | 2.5e-01 | - |" in out
+    assert '"cpu": "X"' in out and "b: replayed on an unrecorded machine" in out
+    assert mod.main([str(a), str(tmp_path / "none")]) == 2
+
+
 def test_report_stream_plot_log_scale_only_for_an_outlier_batch() -> None:
     from rlsedit.report import _has_outlier
 
