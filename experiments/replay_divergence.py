@@ -31,9 +31,9 @@ def batch_differences(run: Path) -> tuple[dict[int, dict[str, Any]], list[dict[s
     return out, [r.get("machine") or {} for r in replays]
 
 
-def table(runs: Sequence[Path], every: int) -> str:
-    """A Markdown table: one row per ``every``-th batch id (and the last), one column per run."""
-    diffs = [batch_differences(r)[0] for r in runs]
+def table(runs: Sequence[Path], diffs: Sequence[dict[int, dict[str, Any]]], every: int) -> str:
+    """A Markdown table: one row per ``every``-th batch id (and the last), one column per run (``diffs``:
+    each run's :func:`batch_differences`)."""
     ids = sorted(set().union(*diffs))
     shown = [i for i in ids if i % every == 0 or i == ids[-1]]
     lines = [
@@ -58,9 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.every < 1:
         sys.stderr.write("replay_divergence: --every must be >= 1\n")
         return 2
-    sys.stdout.write(table(args.runs, args.every) + "\n\n")
-    for run in args.runs:
-        machines = {json.dumps(m, sort_keys=True) for m in batch_differences(run)[1] if m}
+    read = [batch_differences(run) for run in args.runs]  # each replays.json read once
+    sys.stdout.write(table(args.runs, [diffs for diffs, _ in read], args.every) + "\n\n")
+    for run, (_, machines_of_replays) in zip(args.runs, read, strict=True):
+        machines = {json.dumps(m, sort_keys=True) for m in machines_of_replays if m}
         where = ", ".join(sorted(machines)) or "an unrecorded machine"
         sys.stdout.write(f"{run.name}: replayed on {where}\n")
     return 0
