@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["IGNORED_KEYS", "diff_values", "equal_values"]
+__all__ = ["IGNORED_KEYS", "diff_values", "equal_values", "relative_difference"]
 
 #: Keys whose values legitimately differ between two runs of the same experiment: wall-clock and memory
 #: figures, whether targets came from a cache and the cache files' names (which hash the weights' last
@@ -18,16 +18,25 @@ __all__ = ["IGNORED_KEYS", "diff_values", "equal_values"]
 IGNORED_KEYS = frozenset({"seconds", "timings", "memory", "targets_cached", "targets_keys", "command"})
 
 
-def equal_values(a: Any, b: Any, rtol: float = 0.0) -> bool:
-    """Whether two leaves are equal: numbers within relative tolerance ``rtol`` (NaN equals NaN),
-    booleans only to booleans, anything else by ``==``."""
+def relative_difference(a: Any, b: Any) -> float:
+    """How far apart two leaves are: ``|a - b| / max(|a|, |b|)`` for two finite numbers, 0 for equal
+    leaves (NaN equals NaN, a boolean only the same boolean), ``inf`` for any other difference (an
+    infinity against anything else, a number against a string or a boolean, two unequal strings)."""
     if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
+        return 0.0 if a is b else math.inf
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-            return True
-        return a == b or abs(a - b) <= rtol * max(abs(a), abs(b))
-    return a == b
+        if a == b or (math.isnan(a) and math.isnan(b)):
+            return 0.0
+        if not (math.isfinite(a) and math.isfinite(b)):
+            return math.inf
+        return abs(a - b) / max(abs(a), abs(b))
+    return 0.0 if a == b else math.inf
+
+
+def equal_values(a: Any, b: Any, rtol: float = 0.0) -> bool:
+    """Whether two leaves are equal within relative tolerance ``rtol``:
+    ``relative_difference(a, b) <= rtol``."""
+    return relative_difference(a, b) <= rtol
 
 
 def diff_values(

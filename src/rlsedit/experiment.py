@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlsedit.compare import diff_values, equal_values
+from rlsedit.compare import diff_values, equal_values, relative_difference
 from rlsedit.datasets import CounterFactCase, ZsreCase, load_counterfact, load_zsre, superseded_cases
 from rlsedit.eval.counterfact import score_counterfact, summarize_counterfact
 from rlsedit.eval.zsre import score_zsre, summarize_zsre
@@ -482,16 +482,6 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _relative_difference(a: Any, b: Any) -> float:
-    """|a - b| / max(|a|, |b|) of two numbers (0 for equal ones, inf for anything else that differs)."""
-    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
-    if numbers:
-        if a == b or (math.isnan(a) and math.isnan(b)):
-            return 0.0
-        return abs(a - b) / max(abs(a), abs(b))
-    return math.inf
-
-
 def _check_replay(
     out: Path, recorded: dict[str, Any], entry: dict[str, Any], n_cases: int, rtol: float
 ) -> dict[str, Any]:
@@ -502,7 +492,7 @@ def _check_replay(
     The batch is already in the editor's state by then, so the refusal is written into the folder
     (:data:`REPLAY_MISMATCH_FILE`): the same command must not resume past the mismatched batch."""
     n, every = diff_values(recorded, entry, 0.0)
-    rel = [(_relative_difference(a, b), p) for p, a, b in every]
+    rel = [(relative_difference(a, b), p) for p, a, b in every]
     worst = max(rel, default=(0.0, None))
     diffs = [(p, a, b) for p, a, b in every if not equal_values(a, b, rtol)]
     checked = {
