@@ -699,6 +699,11 @@ def test_a_replay_on_another_machine_reads_the_recorded_targets_within_a_stated_
     (checked,) = replays[1]["batches"]
     assert checked["where"] == "residual_after" and checked["differing"] == 1
     assert checked["max_relative_difference"] == pytest.approx(1e-5, rel=1e-3)
+    # the replayed value itself is kept: the record's value without the 1e-5 the test put on it
+    assert checked["replayed"]["residual_after"] == pytest.approx(
+        record["residual_after"] / (1 + 1e-5), rel=1e-12
+    )
+    assert refused["replayed"] == checked["replayed"]
     assert json.loads((other / "results.json").read_text())["edits"] == 6
 
 

@@ -487,7 +487,8 @@ def _check_replay(
 ) -> dict[str, Any]:
     """Refuse to go on when a replayed batch's report differs from the recorded one (timings aside) by
     more than relative tolerance ``rtol``; return the comparison (values compared, values differing at
-    all, the largest relative difference and where).
+    all, the largest relative difference and where, and the replayed value of each differing leaf by its
+    path, so the record and ``replays.json`` together hold the replayed report).
 
     The batch is already in the editor's state by then, so the refusal is written into the folder
     (:data:`REPLAY_MISMATCH_FILE`): the same command must not resume past the mismatched batch."""
@@ -501,6 +502,7 @@ def _check_replay(
         "differing": len(every),
         "max_relative_difference": worst[0],
         "where": worst[1],
+        "replayed": {p: b for p, _, b in every},
     }
     if diffs:
         shown = "; ".join(f"{p}: recorded {a!r}, replayed {b!r}" for p, a, b in diffs[:3])
@@ -512,7 +514,7 @@ def _check_replay(
             "describe another model state. Start a new folder to run the stream from scratch; or, where the "
             "differences are another CPU's rounding, remove the folder's editor/ and "
             f"{REPLAY_MISMATCH_FILE} and replay with a larger --replay-rtol (each batch's largest difference "
-            f"is kept in {REPLAY_FILE})."
+            f"and the values it replayed differently are kept in {REPLAY_FILE})."
         )
         save_json(out / REPLAY_MISMATCH_FILE, {"message": message})
         raise ReplayMismatch(message, {**checked, "refused": True})
