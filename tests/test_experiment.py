@@ -667,7 +667,9 @@ def test_a_replay_on_another_machine_reads_the_recorded_targets_within_a_stated_
     other = tmp_path / "other"  # the committed files, as another machine sees them
     _seed(first, other)
     (other / "targets" / recorded_file.name).rename(other / "targets" / "targets-recorded.safetensors")
-    record.pop("targets_keys")  # a record written before batches kept their targets' keys
+    assert record["machine"]["threads"] >= 1
+    for key in ("targets_keys", "machine"):  # a record written before batches kept these
+        record.pop(key)
     record["residual_after"] *= 1 + 1e-5  # the last bits of another CPU
     (other / "batches.json").write_text(json.dumps([record]))
     argv = [*_stream_argv(model_dir, other, stats), "--targets-cache", str(other / "targets")]
@@ -694,6 +696,8 @@ def test_a_replay_on_another_machine_reads_the_recorded_targets_within_a_stated_
     assert [(r["command"], r["rtol"]) for r in replays] == [(None, 1e-6), (replays[1]["command"], 1e-4)]
     assert "--replay-rtol 1e-4" in replays[1]["command"]
     assert replays[1]["machine"]["torch"] and replays[1]["machine"]["threads"] >= 1
+    # the batch applied now names its machine; the replayed record is left as it was written
+    assert batches[1]["machine"] == replays[1]["machine"] and "machine" not in batches[0]
     (refused,) = replays[0]["batches"]  # the refused batch's comparison is on record
     assert refused["refused"] and refused["where"] == "residual_after"
     (checked,) = replays[1]["batches"]

@@ -14,8 +14,10 @@ __all__ = ["IGNORED_KEYS", "diff_values", "equal_values", "relative_difference"]
 
 #: Keys whose values legitimately differ between two runs of the same experiment: wall-clock and memory
 #: figures, whether targets came from a cache and the cache files' names (which hash the weights' last
-#: bits), and the command line that made the run.
-IGNORED_KEYS = frozenset({"seconds", "timings", "memory", "targets_cached", "targets_keys", "command"})
+#: bits), the command line that made the run and the machine that ran it.
+IGNORED_KEYS = frozenset(
+    {"seconds", "timings", "memory", "targets_cached", "targets_keys", "command", "machine"}
+)
 
 
 def relative_difference(a: Any, b: Any) -> float:

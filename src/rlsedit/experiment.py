@@ -687,6 +687,7 @@ def run_experiment(
             )
             save_json(replays_path, replays)  # a refused replay is on record too
         n_replayed = 0
+        here = machine()  # each batch applied now says where (a stream carried across machines mixes them)
         target_index: dict[str, Any] = {}
         done = 0
         stopped_at: int | None = None  # the index of the first chunk not applied, if stopped
@@ -730,6 +731,7 @@ def run_experiment(
                     save_json(replays_path, replays)
                     n_replayed += 1
                     continue
+                entry["machine"] = here
                 reports.append(entry)
                 save_json(batches_path, reports)
                 log.info(
