@@ -788,7 +788,11 @@ class LocateThenEditEditor:
         merged: dict[int, _Pending] = {}
         timings: dict[str, float] = {}
         subs: list[BatchReport] = []
-        for i, req in enumerate(reqs):
+        # a batch of 100 takes minutes here: a bar on a terminal (none in a log file)
+        bar = tqdm(
+            reqs, desc=f"{self.name} batch {report.batch_id}", unit="request", leave=False, disable=None
+        )
+        for i, req in enumerate(bar):
             sub = BatchReport(batch_id=report.batch_id, n_requests=1)
             pendings, t = self._locate_and_solve([req], sub)
             subs.append(sub)
