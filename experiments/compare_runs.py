@@ -5,8 +5,9 @@ fluency, general capability, batch reports with their residuals and objective te
 the final results and the run's spec), value by value, and lists the values that differ. Wall-clock and
 memory figures (``seconds``, ``timings``, ``memory``), whether targets came from a cache and the cache
 files' names (``targets_cached``, ``targets_keys``), the command line that made the run (``command``,
-``invocations.json``) and the record of replays (``replays.json``) are left out: they differ between two
-runs of the same experiment. The editor's state (``editor/``) is not read.
+``invocations.json``), the machine that ran it (``machine``) and the record of replays (``replays.json``)
+are left out: they differ between two runs of the same experiment. The editor's state (``editor/``) is
+not read.
 
 With ``--prefix`` the runs may be at different points of the same stream (a rerun still going, say):
 files only one of them has are skipped, and of the per-batch and per-case lists only the part both have

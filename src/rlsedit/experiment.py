@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlsedit.compare import diff_values, equal_values, relative_difference
+from rlsedit.compare import diff_values, relative_difference
 from rlsedit.datasets import CounterFactCase, ZsreCase, load_counterfact, load_zsre, superseded_cases
 from rlsedit.eval.counterfact import score_counterfact, summarize_counterfact
 from rlsedit.eval.zsre import score_zsre, summarize_zsre
@@ -495,7 +495,8 @@ def _check_replay(
     n, every = diff_values(recorded, entry, 0.0)
     rel = [(relative_difference(a, b), p) for p, a, b in every]
     worst = max(rel, default=(0.0, None))
-    diffs = [(p, a, b) for p, a, b in every if not equal_values(a, b, rtol)]
+    # compare.equal_values(a, b, rtol) is relative_difference(a, b) <= rtol: reuse the differences
+    diffs = [(p, a, b) for (r, _), (p, a, b) in zip(rel, every, strict=True) if r > rtol]
     checked = {
         "batch_id": entry.get("batch_id"),
         "values": n,
