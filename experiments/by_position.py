@@ -21,13 +21,14 @@ import sys
 from pathlib import Path
 
 from rlsedit.experiment import summarize_cases
+from rlsedit.store import load_json
 
 METRICS = ("efficacy", "generalization", "specificity")
 
 
 def _load(run: Path) -> tuple[str, list[dict]]:
     """A run's dataset and per-case records, in stream order."""
-    spec = json.loads((run / "spec.json").read_text())
+    spec = load_json(run / "spec.json")
     path = run / "cases.jsonl"
     if not path.exists() and (run / "cases.jsonl.gz").exists():  # as committed for a long stream
         text = gzip.decompress((run / "cases.jsonl.gz").read_bytes()).decode("utf-8")

@@ -18,11 +18,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rlsedit.store import load_json
+
 
 def batch_differences(run: Path) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
     """``({batch_id: comparison}, [machine of each replay])`` from ``run/replays.json``; later replays of a
     batch replace earlier ones, refused comparisons are left out."""
-    replays = json.loads((run / "replays.json").read_text())
+    replays = load_json(run / "replays.json")
     out: dict[int, dict[str, Any]] = {}
     for replay in replays:
         for checked in replay["batches"]:
