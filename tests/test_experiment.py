@@ -785,6 +785,32 @@ def test_report_stream_plot_log_scale_only_for_an_outlier_batch() -> None:
     assert not _has_outlier([0.0, 1.0, 4.0])
 
 
+def test_report_legend_sits_right_of_the_last_panel() -> None:
+    """The one legend of a row of panels lies outside every plotted area (right of the last panel), names
+    the curves of the first panel that has labelled ones, and is left out where none has."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rlsedit.report import _legend
+
+    fig, axes = plt.subplots(1, 3, squeeze=False)
+    _legend(axes[0], 6)  # nothing drawn yet: no legend
+    assert all(ax.get_legend() is None for ax in axes[0])
+    axes[0][1].plot([0, 1], [0, 1], label="run a")
+    axes[0][1].plot([0, 1], [1, 0], label="run b")
+    axes[0][2].plot([0, 1], [0, 1], label="run a")
+    _legend(axes[0], 6)
+    assert axes[0][0].get_legend() is None and axes[0][1].get_legend() is None
+    legend = axes[0][2].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["run a", "run b"]
+    fig.canvas.draw()
+    box = legend.get_window_extent()
+    assert all(box.x0 > ax.get_window_extent().x1 for ax in axes[0])
+    plt.close(fig)
+
+
 def test_final_scoring_resumes_after_its_last_saved_piece(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -183,10 +183,28 @@ def _label(r: dict[str, Any]) -> str:
     return f"{Path(r['_dir']).name} ({r['spec']['method']})"
 
 
+def _legend(axes: Sequence[Any], fontsize: int) -> None:
+    """One legend for a row of panels (the curves of the first panel that has labelled ones), to the
+    right of the last panel, outside the plotted areas (inside, with several runs, it hides their curves);
+    :func:`_save` widens the image to take it in."""
+    for ax in axes:
+        handles, labels = ax.get_legend_handles_labels()
+        if labels:
+            axes[-1].legend(
+                handles,
+                labels,
+                fontsize=fontsize,
+                loc="upper left",
+                bbox_to_anchor=(1.02, 1.0),
+                borderaxespad=0.0,
+            )
+            return
+
+
 def _save(plt: Any, fig: Any, path: Path, drawn: bool, written: list[Path]) -> None:
     if drawn:
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
         written.append(path)
     plt.close(fig)
 
@@ -229,8 +247,7 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     for ax, m in zip(axes[0], _METRICS, strict=True):
         ax.set(title=m, xlabel="edits", ylim=(0, 100))
         ax.grid(alpha=0.3)
-    if drawn:
-        axes[0][-1].legend(fontsize=7)
+    _legend(axes[0], 7)
     _save(plt, fig, out / "metrics.png", drawn, written)
     # 2. retention: the earliest edits re-scored at each checkpoint
     fig, axes = plt.subplots(1, len(_METRICS), figsize=(4 * len(_METRICS), 3.2), squeeze=False)
@@ -251,8 +268,7 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     for ax, m in zip(axes[0], _METRICS, strict=True):
         ax.set(title=f"{m} of the earliest edits", xlabel="edits applied", ylim=(0, 100))
         ax.grid(alpha=0.3)
-    if drawn:
-        axes[0][-1].legend(fontsize=6)
+    _legend(axes[0], 6)
     _save(plt, fig, out / "retention.png", drawn, written)
     # 3. general capability over the stream
     tasks = sorted(
@@ -291,9 +307,7 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
             title += " (log scale)"
         ax.set(title=title, xlabel="edits")
         ax.grid(alpha=0.3)
-    labelled = [ax for ax in axes[0] if ax.get_legend_handles_labels()[1]]
-    if labelled:
-        labelled[0].legend(fontsize=6)
+    _legend(axes[0], 6)
     _save(plt, fig, out / "capability.png", drawn, written)
     # 4. the objective's terms per layer over the stream (RLSEdit runs)
     terms = ("fit_batch", "fit_total", "dist_w0", "anchor")
@@ -315,8 +329,7 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     for ax, t in zip(axes[0], terms, strict=True):
         ax.set(title=t, xlabel="edits", yscale="log")
         ax.grid(alpha=0.3)
-    if drawn:
-        axes[0][-1].legend(fontsize=6)
+    _legend(axes[0], 6)
     _save(plt, fig, out / "objective.png", drawn, written)
     # 5. seconds per edit and memory per batch over the stream
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), squeeze=False)
@@ -350,8 +363,7 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     else:
         axes[0][0].set_ylim(bottom=0)
     axes[0][1].set_ylim(bottom=0)
-    if drawn:
-        axes[0][0].legend(fontsize=6)
+    _legend(axes[0], 6)
     _save(plt, fig, out / "stream.png", drawn, written)
     return written
 
