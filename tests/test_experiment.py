@@ -702,6 +702,10 @@ def test_a_replay_on_another_machine_reads_the_recorded_targets_within_a_stated_
     assert refused["refused"] and refused["where"] == "residual_after"
     (checked,) = replays[1]["batches"]
     assert checked["where"] == "residual_after" and checked["differing"] == 1
+    n = checked["values"]  # the log counts the values as recorded and those differing within the tolerance
+    assert f"of {n} values, {n - 1} as recorded and 1 different but within the relative tolerance 0.0001" in (
+        caplog.text
+    )
     assert checked["max_relative_difference"] == pytest.approx(1e-5, rel=1e-3)
     # the replayed value itself is kept: the record's value without the 1e-5 the test put on it
     assert checked["replayed"]["residual_after"] == pytest.approx(

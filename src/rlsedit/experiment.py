@@ -521,10 +521,11 @@ def _check_replay(
         raise ReplayMismatch(message, {**checked, "refused": True})
     if every:
         log.info(
-            "batch %d replayed: %d values, %d within the relative tolerance %g of the record (largest "
-            "difference %.3g, %s)",
+            "batch %d replayed: of %d values, %d as recorded and %d different but within the relative "
+            "tolerance %g (largest difference %.3g, %s)",
             entry.get("batch_id"),
             n,
+            n - len(every),
             len(every),
             rtol,
             worst[0],
