@@ -815,6 +815,44 @@ def test_report_legend_sits_right_of_the_last_panel() -> None:
     plt.close(fig)
 
 
+def test_report_gives_each_run_one_colour_in_every_panel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run with no points in a panel (no memory figures) does not shift the colours of the runs after it
+    there: the one legend names every panel's curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from rlsedit import report
+
+    def run(name: str, memory: bool) -> dict:
+        batch = {"edits_after": 2, "n_requests": 2, "timings": {"total": 1.0}}
+        if memory:
+            batch["memory"] = {"rss_bytes": 2**30}
+        return {"_dir": str(tmp_path / name), "spec": {"method": "m"}, "partial": True, "batches": [batch]}
+
+    colours: dict[str, list[str]] = {}
+    real_save = report._save
+
+    def keep(plt_: object, fig, path: Path, drawn: bool, written: list[Path]) -> None:
+        if path.name == "stream.png":
+            colours.update(
+                {
+                    ax.get_title(): [line.get_label() + ":" + str(line.get_color()) for line in ax.lines]
+                    for ax in fig.axes
+                }
+            )
+        real_save(plt_, fig, path, drawn, written)
+
+    monkeypatch.setattr(report, "_save", keep)
+    report._plot([run("a", memory=False), run("b", memory=True)], tmp_path)
+    plt.close("all")
+    timing, memory = colours.values()
+    assert timing == ["a (m):C0", "b (m):C1"] and memory == ["b (m):C1"]
+
+
 def test_final_scoring_resumes_after_its_last_saved_piece(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -183,6 +183,12 @@ def _label(r: dict[str, Any]) -> str:
     return f"{Path(r['_dir']).name} ({r['spec']['method']})"
 
 
+def _color(i: int) -> str:
+    """Run ``i``'s colour in every panel of a figure (so one legend serves them all, even where a run
+    has no points in some panel)."""
+    return f"C{i % 10}"
+
+
 def _legend(axes: Sequence[Any], fontsize: int) -> None:
     """One legend for a row of panels (the curves of the first panel that has labelled ones), to the
     right of the last panel, outside the plotted areas (inside, with several runs, it hides their curves);
@@ -237,13 +243,13 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     # 1. efficacy / generalization / specificity over the stream (0 = the unedited model)
     fig, axes = plt.subplots(1, len(_METRICS), figsize=(4 * len(_METRICS), 3.2), squeeze=False)
     drawn = False
-    for r in results:
+    for i, r in enumerate(results):
         pts = _metric_points(r)
         for ax, m in zip(axes[0], _METRICS, strict=True):
             xy = [(e, v[m]) for e, v in pts if v.get(m) is not None]
             if xy:
                 drawn = True
-                ax.plot(*zip(*xy, strict=True), marker="o", label=_label(r))
+                ax.plot(*zip(*xy, strict=True), marker="o", label=_label(r), color=_color(i))
     for ax, m in zip(axes[0], _METRICS, strict=True):
         ax.set(title=m, xlabel="edits", ylim=(0, 100))
         ax.grid(alpha=0.3)
@@ -285,7 +291,7 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     panels = ["perplexity", *(["fluency"] if fluency else []), *tasks]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0), squeeze=False)
     drawn = False
-    for r in results:
+    for i, r in enumerate(results):
         pts = _capability_points(r)
         for ax, name in zip(axes[0], panels, strict=True):
             if name == "fluency":
@@ -296,7 +302,7 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
                 xy = [(e, c[name]["accuracy"]) for e, c in pts if name in c]
             if xy:
                 drawn = True
-                ax.plot(*zip(*xy, strict=True), marker="o", label=_label(r))
+                ax.plot(*zip(*xy, strict=True), marker="o", label=_label(r), color=_color(i))
                 chance = next((c[name].get("chance") for _, c in pts if name in c), None)
                 if name != "perplexity" and chance is not None:
                     ax.axhline(chance, color="grey", lw=0.8, ls=":")
@@ -335,7 +341,7 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), squeeze=False)
     drawn = False
     per_edit: list[float] = []
-    for r in results:
+    for i, r in enumerate(results):
         bs = [b for b in r.get("batches", []) if b.get("n_requests")]
         xy = [
             (b["edits_after"], b["timings"]["total"] / b["n_requests"])
@@ -345,11 +351,11 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         per_edit += [y for _, y in xy]
         if xy:
             drawn = True
-            axes[0][0].plot(*zip(*xy, strict=True), marker=".", label=_label(r))
+            axes[0][0].plot(*zip(*xy, strict=True), marker=".", label=_label(r), color=_color(i))
         xy = [(b["edits_after"], b["memory"]["rss_bytes"] / 2**30) for b in bs if b.get("memory")]
         if xy:
             drawn = True
-            axes[0][1].plot(*zip(*xy, strict=True), marker=".", label=_label(r))
+            axes[0][1].plot(*zip(*xy, strict=True), marker=".", label=_label(r), color=_color(i))
     # a batch whose wall time includes a pause (a stopped process) would flatten every other point
     log_time = _has_outlier(per_edit)
     axes[0][0].set(
