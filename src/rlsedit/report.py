@@ -338,7 +338,7 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     _legend(axes[0], 6)
     _save(plt, fig, out / "objective.png", drawn, written)
     # 5. seconds per edit and memory per batch over the stream
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2), squeeze=False)  # room for the two long titles
     drawn = False
     per_edit: list[float] = []
     for i, r in enumerate(results):
