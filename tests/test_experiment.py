@@ -792,13 +792,9 @@ def test_report_stream_plot_log_scale_only_for_an_outlier_batch() -> None:
 def test_report_legend_sits_right_of_the_last_panel() -> None:
     """The one legend of a row of panels lies outside every plotted area (right of the last panel), names
     the curves of the first panel that has labelled ones, and is left out where none has."""
-    import matplotlib
+    from rlsedit.report import _legend, _pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from rlsedit.report import _legend
-
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 3, squeeze=False)
     _legend(axes[0], 6)  # nothing drawn yet: no legend
     assert all(ax.get_legend() is None for ax in axes[0])
@@ -820,11 +816,6 @@ def test_report_gives_each_run_one_colour_in_every_panel(
 ) -> None:
     """A run with no points in a panel (no memory figures) does not shift the colours of the runs after it
     there: the one legend names every panel's curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     from rlsedit import report
 
     def run(name: str, memory: bool) -> dict:
@@ -847,8 +838,7 @@ def test_report_gives_each_run_one_colour_in_every_panel(
         real_save(plt_, fig, path, drawn, written)
 
     monkeypatch.setattr(report, "_save", keep)
-    report._plot([run("a", memory=False), run("b", memory=True)], tmp_path)
-    plt.close("all")
+    report._plot([run("a", memory=False), run("b", memory=True)], tmp_path)  # _save closes each figure
     timing, memory = colours.values()
     assert timing == ["a (m):C0", "b (m):C1"] and memory == ["b (m):C1"]
 
