@@ -145,6 +145,46 @@ def test_bad_spec_values() -> None:
         ExperimentSpec(edits=0)
     with pytest.raises(ValueError, match="not supported"):
         ExperimentSpec(dataset="imagenet")
+    with pytest.raises(ValueError, match="did you mean memit"):
+        ExperimentSpec(method="memitt")
+    with pytest.raises(ValueError, match="did you mean steps"):
+        ExperimentSpec(method="memit", overrides={"stepz": 3})
+    with pytest.raises(ValueError, match="target option"):
+        ExperimentSpec(overrides={"targets": {"stepz": 3}})
+    ExperimentSpec(overrides={"mu": 10.0, "steps": 3, "targets": {"lr": 0.1}})  # known names pass
+
+
+def test_bad_run_input_writes_nothing_and_loads_no_model(
+    finished: Path, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rlsedit.models.load
+
+    def no_model(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the model was loaded for input refused anyway")
+
+    monkeypatch.setattr(rlsedit.models.load, "load_model", no_model)
+    out = tmp_path / "out"
+    assert cli.main(["run", "--model", str(model_dir), "--method", "nope", "--out", str(out)]) == 1
+    assert cli.main(["run", "--model", str(model_dir), "--set", "lrr=0.1", "--out", str(out)]) == 1
+    assert cli.main(["run", "--model", str(model_dir), "--edits", "1000000", "--out", str(out)]) == 1
+    with pytest.raises(ValueError, match="stop_after"):
+        run_experiment(_stream_spec(model_dir), out, stop_after=-1)
+    assert not out.exists()
+    with pytest.raises(SystemExit, match="holds no saved editor"):
+        cli.main(["eval", "--model", str(model_dir), "--run", str(tmp_path / "none")])
+    with pytest.raises(SystemExit, match="holds no saved editor"):
+        cli.main(["eval", "--model", str(model_dir), "--run", str(finished / "checkpoints")])
+
+
+def test_eval_command_takes_an_experiment_folder(finished: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--run", str(finished), "--dataset", "counterfact", "--out", str(out)]
+    assert cli.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["run"] == str(finished / "editor") and res["requests_active"] == 6
+    recorded = json.loads((finished / "results.json").read_text())["post"]
+    for m in ("efficacy", "generalization", "specificity"):  # the run's own final scores of that state
+        assert res["summary"][m] == pytest.approx(recorded[m]), m
 
 
 def test_targets_cache_is_reused_and_exact(model_dir: Path, tmp_path: Path) -> None:

@@ -437,6 +437,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rlsedit.store import save_json
 
     run = Path(args.run)
+    if not _has_run(run):  # refused before the model is loaded
+        if _has_run(run / "editor"):  # an experiment folder of `rlsedit run`: its editor's state
+            run = run / "editor"
+        else:
+            raise SystemExit(
+                f"rlsedit: {args.run} holds no saved editor (no committed manifest): pass a run directory "
+                "of `rlsedit edit` or an experiment folder of `rlsedit run`"
+            )
     args.model = args.model or _run_model_name(run)
     _, model, tok = _load(args)
     res = evaluate_run(
@@ -607,7 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(ev)
     ev.add_argument(
-        "--run", required=True, help="run directory of `rlsedit edit` (or an experiment's editor/)"
+        "--run",
+        required=True,
+        help="run directory of `rlsedit edit`, or an experiment folder of `rlsedit run`",
     )
     ev.add_argument("--dataset", default=None, choices=["counterfact", "zsre"], help="edit cases to score")
     ev.add_argument("--split", default="test", choices=["test", "tune", "all"], help="with --limit")

@@ -112,8 +112,11 @@ class ExperimentSpec:
     checkpoint_cases: int = 0
 
     def __post_init__(self) -> None:
+        from rlsedit.editors.base import check_option_names, editor_class
         from rlsedit.eval.capability import CapabilityConfig
 
+        # an unknown method or option is refused here, before a folder is written or the model loaded
+        check_option_names(editor_class(self.method).config_class, self.overrides)
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset {self.dataset!r} is not supported (valid: {', '.join(DATASETS)})")
         if self.dataset == "zsre" and self.split != "test":
@@ -623,6 +626,9 @@ def run_experiment(
     out = Path(out)
     if (out / REPLAY_MISMATCH_FILE).is_file():
         raise ReplayMismatch(load_json(out / REPLAY_MISMATCH_FILE)["message"])
+    if stop_after is not None and stop_after < 0:
+        raise ValueError(f"stop_after must be >= 0, got {stop_after}")
+    cases = _cases(spec)  # too few cases is refused before anything is written
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / "spec.json"
     if spec_path.exists():
@@ -634,7 +640,6 @@ def run_experiment(
     if command is not None:  # every invocation of the folder (a run in progress has no results.json yet)
         inv_path = out / "invocations.json"
         save_json(inv_path, [*(load_json(inv_path) if inv_path.exists() else []), command])
-    cases = _cases(spec)
     superseded = set(superseded_cases(cases))
     t_load = time.perf_counter()
     model, tok = load_model(spec.model, device=device, dtype=dtype)

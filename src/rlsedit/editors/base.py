@@ -133,24 +133,34 @@ def build_config(
     Target-optimisation keys (``lr``, ``steps``...) may be given flat or under ``targets``. Unknown keys
     are refused with the closest valid names.
     """
-    top, tgt = _field_names(config_cls), _field_names(TargetConfig)
+    top = _field_names(config_cls)
     merged: dict[str, Any] = {}
     targets: dict[str, Any] = {}
     for source in (base, overrides):
+        check_option_names(config_cls, source)
         for key, value in source.items():
             if key == "targets" and isinstance(value, dict):
-                for k2 in value:
-                    if k2 not in tgt:
-                        raise ValueError(_unknown(k2, tgt, "target option"))
                 targets.update(value)
             elif key in top:
                 merged[key] = value
-            elif key in tgt:
-                targets[key] = value
             else:
-                raise ValueError(_unknown(key, top | tgt, f"option of {config_cls.__name__}"))
+                targets[key] = value
     merged["targets"] = TargetConfig(**targets)
     return config_cls(**merged)
+
+
+def check_option_names(config_cls: type[EditorConfig], options: dict[str, Any]) -> None:
+    """Refuse (ValueError, with the closest valid names) keys of ``options`` that are neither fields of
+    ``config_cls`` nor target-optimisation options (flat or under ``targets``); values are not checked
+    here but where the config is built."""
+    top, tgt = _field_names(config_cls), _field_names(TargetConfig)
+    for key, value in options.items():
+        if key == "targets" and isinstance(value, dict):
+            for k2 in value:
+                if k2 not in tgt:
+                    raise ValueError(_unknown(k2, tgt, "target option"))
+        elif key not in top and key not in tgt:
+            raise ValueError(_unknown(key, top | tgt, f"option of {config_cls.__name__}"))
 
 
 def _unknown(key: str, valid: Iterable[str], what: str) -> str:
