@@ -111,3 +111,34 @@ def test_help_and_methods(capsys) -> None:
     assert "edit" in capsys.readouterr().out
     assert cli.main(["methods"]) == 0
     assert set(capsys.readouterr().out.split()) >= {"rlsedit", "memit", "alphaedit", "rome", "ft"}
+
+
+def test_bad_names_and_missing_runs_are_refused_before_the_model_loads(
+    setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded for input refused anyway")
+
+    monkeypatch.setattr(cli, "_load", no_model)
+    run = tmp_path / "run"
+    assert _edit(setup, run, ["--method", "memitt"]) == 1  # ValueError: unknown editor, closest names
+    assert _edit(setup, run, ["--set", "stepz=3"]) == 1  # ValueError: unknown option
+    assert not run.exists()
+    for argv in (
+        ["retract", "--run", str(run), "--batch", "0"],
+        ["export", "--run", str(run), "--out", str(tmp_path / "exp")],
+        ["eval", "--run", str(run)],
+    ):
+        with pytest.raises(SystemExit, match="holds no saved editor"):
+            cli.main(argv)
+    with pytest.raises(SystemExit) as exc:  # argparse: not a list of layer indices
+        cli.main(["stats", "--model", str(setup["model"]), "--layers", "2,abc"])
+    assert exc.value.code == 2
+
+
+def test_stats_refuses_a_layer_the_model_lacks(setup: dict[str, Path], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "stats"
+    argv = ["stats", "--model", str(setup["model"]), "--layers", "2,99", "--out", str(out)]
+    assert cli.main(argv) == 1
+    assert "layer 99 out of range" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())

@@ -107,6 +107,9 @@ def test_report_of_unfinished_run_is_clear(tmp_path: Path) -> None:
         load_results(tmp_path)
     with pytest.raises(FileNotFoundError, match="results.json"):
         load_results(tmp_path, partial=True)  # not a run folder at all
+    (tmp_path / "spec.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="with --partial"):
+        load_results(tmp_path)  # a run folder whose stream has not finished
 
 
 def test_report_of_a_run_in_progress(finished: Path, tmp_path: Path) -> None:
@@ -169,6 +172,18 @@ def test_bad_run_input_writes_nothing_and_loads_no_model(
     assert cli.main(["run", "--model", str(model_dir), "--edits", "1000000", "--out", str(out)]) == 1
     with pytest.raises(ValueError, match="stop_after"):
         run_experiment(_stream_spec(model_dir), out, stop_after=-1)
+    assert not out.exists()
+    monkeypatch.undo()  # a layer the model lacks: refused once the model is loaded, before it is scored
+    import rlsedit.experiment
+
+    def no_scoring(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the unedited model was scored for settings refused anyway")
+
+    monkeypatch.setattr(rlsedit.experiment, "_generation", no_scoring)
+    monkeypatch.setattr(rlsedit.experiment, "_capability", no_scoring)
+    argv = ["run", "--model", str(model_dir), "--split", "tune", "--edits", "2", "--capability"]
+    assert cli.main([*argv, "--set", "layers=[2,99]", "--out", str(out)]) == 1
+    assert cli.main([*argv, "--set", "mu=-1", "--out", str(out)]) == 1
     assert not out.exists()
     with pytest.raises(SystemExit, match="holds no saved editor"):
         cli.main(["eval", "--model", str(model_dir), "--run", str(tmp_path / "none")])

@@ -49,6 +49,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _layer_list(text: str) -> list[int]:
+    """argparse type: comma-separated layer indices (integers >= 0), at least one."""
+    try:
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
+    if not layers or min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices >= 0, got {text!r}")
+    return layers
+
+
 def _positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
     try:
@@ -119,6 +130,20 @@ def _has_run(run: Path) -> bool:
     return (run / RunStore.MANIFEST).exists()
 
 
+def _saved_editor_dir(text: str) -> Path:
+    """The folder of the saved editor that ``--run`` names: a run directory of ``rlsedit edit``, or an
+    experiment folder of ``rlsedit run`` (its ``editor/``); anything else is refused before a model is
+    loaded."""
+    run = Path(text)
+    for folder in (run, run / "editor"):
+        if _has_run(folder):
+            return folder
+    raise SystemExit(
+        f"rlsedit: {text} holds no saved editor (no committed manifest): pass a run directory of "
+        "`rlsedit edit` or an experiment folder of `rlsedit run`"
+    )
+
+
 def _check_requests(editor: Any, requests: list[Any], lines: list[int], source: str) -> None:
     """The editor's checks of the requests against the model, errors naming the line in ``source``."""
     from rlsedit.requests import RequestError
@@ -136,6 +161,7 @@ def _check_requests(editor: Any, requests: list[Any], lines: list[int], source: 
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from rlsedit.editors import load_editor, make_editor
+    from rlsedit.editors.base import check_option_names, editor_class
     from rlsedit.requests import RequestError, read_requests_jsonl_numbered
     from rlsedit.store import RunStore
 
@@ -148,6 +174,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     lines = [number for number, _ in numbered]
     requests = [request for _, request in numbered]
     overrides = _overrides(args.set)
+    check_option_names(editor_class(args.method).config_class, overrides)  # before the model is loaded
     run = Path(args.run)
     previous = _run_model_name(run)
     if previous and args.model and args.model != previous:
@@ -192,7 +219,7 @@ def cmd_retract(args: argparse.Namespace) -> int:
     from rlsedit.editors import load_editor
     from rlsedit.store import RunStore
 
-    run = Path(args.run)
+    run = _saved_editor_dir(args.run)
     args.model = args.model or _run_model_name(run)
     _, model, tok = _load(args)
     store = RunStore(run, create=False)
@@ -212,7 +239,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from rlsedit.editors import load_editor
     from rlsedit.export import export_model, save_deltas
 
-    run = Path(args.run)
+    run = _saved_editor_dir(args.run)
     args.model = args.model or _run_model_name(run)
     name, model, tok = _load(args)
     editor = load_editor(run, model, tok, attach=False)
@@ -257,6 +284,7 @@ def _stats_defaults(model: Any) -> dict[str, Any]:
 def cmd_stats(args: argparse.Namespace) -> int:
     import torch
 
+    from rlsedit.editors.base import check_layers
     from rlsedit.models.arch import mlp_out_name
     from rlsedit.models.load import model_fingerprint
     from rlsedit.stats import (
@@ -281,7 +309,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         _, model, tok = _load(args)
         defaults = _stats_defaults(model)
         if args.layers:
-            layers = [int(x) for x in args.layers.split(",") if x.strip()]
+            layers = args.layers
+            check_layers(model, layers)
         else:
             layers = defaults["layers"]
             log.info("layers from the model's defaults: %s", ",".join(map(str, layers)))
@@ -436,15 +465,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rlsedit.experiment import evaluate_run
     from rlsedit.store import save_json
 
-    run = Path(args.run)
-    if not _has_run(run):  # refused before the model is loaded
-        if _has_run(run / "editor"):  # an experiment folder of `rlsedit run`: its editor's state
-            run = run / "editor"
-        else:
-            raise SystemExit(
-                f"rlsedit: {args.run} holds no saved editor (no committed manifest): pass a run directory "
-                "of `rlsedit edit` or an experiment folder of `rlsedit run`"
-            )
+    run = _saved_editor_dir(args.run)
     args.model = args.model or _run_model_name(run)
     _, model, tok = _load(args)
     res = evaluate_run(
@@ -549,7 +570,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute and cache second-moment statistics of layers' keys (runs under torchrun as well)",
     )
     _add_model_args(s, device_map=True)
-    s.add_argument("--layers", default=None, help="comma-separated layer indices (default: the model's)")
+    s.add_argument(
+        "--layers",
+        type=_layer_list,
+        default=None,
+        help="comma-separated layer indices (default: the model's)",
+    )
     s.add_argument("--samples", type=_positive_int, default=None, help="texts (default: the model's)")
     s.add_argument("--max-len", type=_positive_int, default=None, help="tokens per text (default: model's)")
     s.add_argument("--batch-size", type=_positive_int, default=8, help="texts per forward")

@@ -621,6 +621,7 @@ def run_experiment(
     batch's largest difference is kept in :data:`REPLAY_FILE`.
     """
     from rlsedit.editors import load_editor, make_editor
+    from rlsedit.editors.base import check_config
     from rlsedit.models.load import load_model
 
     out = Path(out)
@@ -628,22 +629,25 @@ def run_experiment(
         raise ReplayMismatch(load_json(out / REPLAY_MISMATCH_FILE)["message"])
     if stop_after is not None and stop_after < 0:
         raise ValueError(f"stop_after must be >= 0, got {stop_after}")
-    cases = _cases(spec)  # too few cases is refused before anything is written
-    out.mkdir(parents=True, exist_ok=True)
+    # bad input is refused before anything is written: too few cases, another experiment in the folder,
+    # settings the model cannot take (layers it lacks, values out of range)
+    cases = _cases(spec)
     spec_path = out / "spec.json"
     if spec_path.exists():
         old = load_json(spec_path)
         if not spec.matches(old):
             raise ValueError(f"{out} holds a different experiment ({old}); use a new folder")
-    else:
-        save_json(spec_path, spec.to_dict())
-    if command is not None:  # every invocation of the folder (a run in progress has no results.json yet)
-        inv_path = out / "invocations.json"
-        save_json(inv_path, [*(load_json(inv_path) if inv_path.exists() else []), command])
     superseded = set(superseded_cases(cases))
     t_load = time.perf_counter()
     model, tok = load_model(spec.model, device=device, dtype=dtype)
     log.info("model %s loaded in %.1fs", spec.model, time.perf_counter() - t_load)
+    check_config(spec.method, model, spec.overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    if not spec_path.exists():
+        save_json(spec_path, spec.to_dict())
+    if command is not None:  # every invocation of the folder (a run in progress has no results.json yet)
+        inv_path = out / "invocations.json"
+        save_json(inv_path, [*(load_json(inv_path) if inv_path.exists() else []), command])
 
     gen_cases = _spread(cases, spec.fluency, superseded) if spec.fluency else []
     gen_pre = None

@@ -34,8 +34,12 @@ def load_results(run: str | Path, partial: bool = False) -> dict[str, Any]:
         res = load_json(path)
         res["_dir"] = str(run)
         return res
-    if not partial or not (run / "spec.json").exists():
-        raise FileNotFoundError(f"{run}: no results.json (has `rlsedit run` finished there?)")
+    if not (run / "spec.json").exists():
+        raise FileNotFoundError(f"{run}: no results.json and no spec.json: not a folder of `rlsedit run`")
+    if not partial:
+        raise FileNotFoundError(
+            f"{run}: no results.json: the run has not finished (report it as far as it got with --partial)"
+        )
     spec = load_json(run / "spec.json")
     batches = load_json(run / "batches.json") if (run / "batches.json").exists() else []
     cks = load_checkpoints(run)

@@ -313,6 +313,22 @@ def make_editor(
     return cls(model, tokenizer, config, stats_dir=stats_dir, sigmas=sigmas)
 
 
+def check_layers(model: nn.Module, layers: Iterable[int]) -> None:
+    """Refuse (ValueError) a layer index outside the model's ``0..n_layers - 1``."""
+    n = num_layers(model)
+    for layer in layers:
+        if not 0 <= layer < n:
+            raise ValueError(f"layer {layer} out of range: the model has {n} layers (0..{n - 1})")
+
+
+def check_config(name: str, model: nn.Module, overrides: dict[str, Any]) -> EditorConfig:
+    """The config :func:`make_editor` would build for ``model``, checked against the model (its layers in
+    range) without building the editor or computing statistics: bad settings are refused at once."""
+    config = build_config(editor_class(name).config_class, model_defaults(model, name), overrides)
+    check_layers(model, config.layers)
+    return config
+
+
 def load_editor(
     directory: str | Path | RunStore, model: nn.Module, tokenizer: Any, *, attach: bool = True
 ) -> Any:
@@ -454,10 +470,7 @@ class LocateThenEditEditor:
                 "not linear in the edited matrix and the closed-form update would be wrong; rlsedit refuses "
                 "to edit this architecture."
             )
-        n = num_layers(model)
-        for layer in config.layers:
-            if not 0 <= layer < n:
-                raise ValueError(f"layer {layer} out of range: the model has {n} layers (0..{n - 1})")
+        check_layers(model, config.layers)
         self.modules = {layer: mlp_out_name(model, layer) for layer in config.layers}
         for name in self.modules.values():
             if weight_kv(get_module(model, name)).is_meta:
