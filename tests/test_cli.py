@@ -131,6 +131,10 @@ def test_bad_names_and_missing_runs_are_refused_before_the_model_loads(
     ):
         with pytest.raises(SystemExit, match="holds no saved editor"):
             cli.main(argv)
+    (run / "editor").mkdir(parents=True)  # an experiment folder: read by eval / export, not retracted from
+    (run / "editor" / "manifest.json").write_text("{}")
+    with pytest.raises(SystemExit, match="experiment folder"):
+        cli.main(["retract", "--run", str(run), "--batch", "0"])
     with pytest.raises(SystemExit) as exc:  # argparse: not a list of layer indices
         cli.main(["stats", "--model", str(setup["model"]), "--layers", "2,abc"])
     assert exc.value.code == 2

@@ -130,17 +130,22 @@ def _has_run(run: Path) -> bool:
     return (run / RunStore.MANIFEST).exists()
 
 
-def _saved_editor_dir(text: str) -> Path:
-    """The folder of the saved editor that ``--run`` names: a run directory of ``rlsedit edit``, or an
-    experiment folder of ``rlsedit run`` (its ``editor/``); anything else is refused before a model is
-    loaded."""
+def _saved_editor_dir(text: str, experiment: bool = True) -> Path:
+    """The folder of the saved editor that ``--run`` names: a run directory of ``rlsedit edit``, or (where
+    ``experiment``: commands that only read it) an experiment folder of ``rlsedit run``, whose ``editor/``
+    it returns; anything else is refused before a model is loaded."""
     run = Path(text)
-    for folder in (run, run / "editor"):
+    for folder in (run, run / "editor") if experiment else (run,):
         if _has_run(folder):
             return folder
+    if _has_run(run / "editor"):
+        raise SystemExit(
+            f"rlsedit: {text} is an experiment folder of `rlsedit run`; its stream is the experiment's, "
+            "so this command does not change it (work on a copy of its editor/ instead)"
+        )
     raise SystemExit(
         f"rlsedit: {text} holds no saved editor (no committed manifest): pass a run directory of "
-        "`rlsedit edit` or an experiment folder of `rlsedit run`"
+        "`rlsedit edit`" + (" or an experiment folder of `rlsedit run`" if experiment else "")
     )
 
 
@@ -219,7 +224,7 @@ def cmd_retract(args: argparse.Namespace) -> int:
     from rlsedit.editors import load_editor
     from rlsedit.store import RunStore
 
-    run = _saved_editor_dir(args.run)
+    run = _saved_editor_dir(args.run, experiment=False)
     args.model = args.model or _run_model_name(run)
     _, model, tok = _load(args)
     store = RunStore(run, create=False)
