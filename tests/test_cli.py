@@ -135,6 +135,10 @@ def test_bad_names_and_missing_runs_are_refused_before_the_model_loads(
     (run / "editor" / "manifest.json").write_text("{}")
     with pytest.raises(SystemExit, match="experiment folder"):
         cli.main(["retract", "--run", str(run), "--batch", "0"])
+    (run / "spec.json").write_text("{}")
+    with pytest.raises(SystemExit, match="experiment folder"):
+        _edit(setup, run)
+    assert sorted(p.name for p in run.iterdir()) == ["editor", "spec.json"]
     with pytest.raises(SystemExit) as exc:  # argparse: not a list of layer indices
         cli.main(["stats", "--model", str(setup["model"]), "--layers", "2,abc"])
     assert exc.value.code == 2

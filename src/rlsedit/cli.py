@@ -181,6 +181,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
     overrides = _overrides(args.set)
     check_option_names(editor_class(args.method).config_class, overrides)  # before the model is loaded
     run = Path(args.run)
+    if not _has_run(run) and (run / "spec.json").exists():
+        raise SystemExit(
+            f"rlsedit: {run} is an experiment folder of `rlsedit run`: its stream is the experiment's "
+            "(go on with `rlsedit run`, or edit a copy of its editor/)"
+        )
     previous = _run_model_name(run)
     if previous and args.model and args.model != previous:
         raise SystemExit(f"rlsedit: run {run} was made with --model {previous}, not {args.model}")
