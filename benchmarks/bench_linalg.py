@@ -72,7 +72,7 @@ class SyntheticProblem:
         """Dense AlphaEdit null-space projector of ``Sigma``: what
         :func:`rlsedit.linalg.nullspace_projector` returns for a diagonal ``Sigma`` (without its
         ``O(d_k^3)`` eigendecomposition)."""
-        mask = self.s < NULLSPACE_THRESHOLD * self.s.max()
+        mask = self.s < NULLSPACE_THRESHOLD  # the reference's absolute threshold (s.max() is 1)
         return torch.diag(mask.to(self.dtype))
 
     def batch(self, t: int, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ import torch
 import tiny_models
 from rlsedit import EditRequest, make_editor
 from rlsedit.configs import model_defaults
-from rlsedit.editors.base import LocateThenEditEditor, _Pending, build_config, editor_class
+from rlsedit.editors.base import EditError, LocateThenEditEditor, _Pending, build_config, editor_class
 from rlsedit.models.arch import num_layers
 
 D_K, D_V = tiny_models.TINY_DIMS["intermediate"], tiny_models.TINY_DIMS["hidden"]
@@ -81,18 +81,26 @@ def test_memit_config_validation() -> None:
 # AlphaEdit
 
 
-def test_alphaedit_solve_matches_direct_solution_and_accumulates_keys(caplog) -> None:
-    alpha, threshold = 0.5, 1e-2
+@pytest.mark.parametrize("rule", ["absolute", "relative"])
+def test_alphaedit_solve_matches_direct_solution_and_accumulates_keys(caplog, rule: str) -> None:
+    """Reference (AlphaEdit ``get_project``): ``U, S = svd(cov)``; ``P = U[:, S < 2e-2] U[:, S < 2e-2]^T``
+    with an absolute threshold; "relative" scales it by the largest eigenvalue."""
+    alpha = 0.5
     caplog.set_level(logging.INFO, logger="rlsedit.editors.alphaedit")
-    ed = editor_on_tiny("alphaedit", [2], alpha=alpha, nullspace_threshold=threshold)
-    sigma = ed.sigmas[2]
-    evals, evecs = torch.linalg.eigh(sigma)
-    U = evecs[:, evals < threshold * evals[-1]]
+    probe = editor_on_tiny("alphaedit", [2], alpha=alpha)
+    evals, evecs = torch.linalg.eigh(probe.sigmas[2])
+    # a threshold between two middle eigenvalues, so that the null space is neither empty nor everything
+    mid = float(evals[D_K // 2 - 1] + evals[D_K // 2]) / 2
+    threshold = mid if rule == "absolute" else mid / float(evals[-1])
+    ed = editor_on_tiny("alphaedit", [2], alpha=alpha, nullspace_threshold=threshold, nullspace_rule=rule)
+    U = evecs[:, evals < mid]
+    assert U.shape[1] == D_K // 2
     P = U @ U.T
     assert torch.equal(ed.layer_state[2]["KpKpT"], torch.zeros(D_K, D_K, dtype=torch.float64))
     K1, E1 = random_problem(1)
     p1 = ed.solve(2, K1, E1, weight(ed, 2))
     assert f"null space of dimension {U.shape[1]} of {D_K}" in caplog.text
+    assert ed.nullspace_dims == {2: D_K // 2}
     eye = torch.eye(D_K, dtype=torch.float64)
     direct1 = torch.linalg.solve(P @ (K1 @ K1.T) + alpha * eye, P @ K1 @ E1)
     torch.testing.assert_close(p1.delta, direct1, rtol=1e-8, atol=1e-10)
@@ -112,6 +120,8 @@ def test_alphaedit_solve_matches_direct_solution_and_accumulates_keys(caplog) ->
 def test_alphaedit_config_validation(field: str) -> None:
     with pytest.raises(ValueError, match=field):
         editor_on_tiny("alphaedit", [2], **{field: 0.0})
+    with pytest.raises(ValueError, match="nullspace_rule"):
+        editor_on_tiny("alphaedit", [2], nullspace_rule="scaled")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -133,6 +143,42 @@ def test_rome_solve_is_the_exact_rank_one_update() -> None:
     # only lam / mu matters
     ed2 = editor_on_tiny("rome", [2], lam=2 * lam, mu=2 * mu)
     torch.testing.assert_close(ed2.solve(2, K, E, W).delta, p.delta, rtol=1e-8, atol=1e-10)
+
+
+def test_rome_solve_with_the_prompt_key_follows_the_reference() -> None:
+    """Reference (ROME ``compute_v``): ``right = (v - W^T k_p) / (k_p . left)``, ``left = C^-1 k_avg`` (its
+    norm cancels), ``Delta = left right^T``; ``k_p`` the bare prompt's key (``cur_input``), ``k_avg`` the
+    key averaged over templates (``compute_u``)."""
+    lam, mu = 0.5, 3.0
+    ed = editor_on_tiny("rome", [2], lam=lam, mu=mu)
+    C_inv = torch.linalg.inv(lam**2 * torch.eye(D_K, dtype=torch.float64) + mu**2 * ed.sigmas[2])
+    K, E = random_problem(3, u=1)
+    K_p = K + 0.3 * random_problem(9, u=1)[0]  # another key: the bare prompt's
+    W = weight(ed, 2).to(torch.float64)
+    p = ed.solve(2, K, E, W, K_prompt=K_p)
+    k, kp, e = K[:, 0], K_p[:, 0], E[0]
+    left = C_inv @ k
+    left = left / left.norm()
+    v = W.T @ kp + e  # the target value: the prompt's output moved by the residual
+    direct = torch.outer(left, (v - W.T @ kp) / (kp @ left))
+    torch.testing.assert_close(p.delta, direct, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(kp @ (W + p.delta), v)  # the bare prompt's key reaches its value exactly
+    assert float((k @ (W + p.delta) - (k @ W + e)).norm()) > 1e-6  # the averaged key does not, in general
+    assert not torch.allclose(p.delta, ed.solve(2, K, E, W).delta)
+    # a prompt key pointing against the update direction is refused, the weights untouched
+    with pytest.raises(EditError, match="not positive"):
+        ed.solve(2, K, E, W, K_prompt=-K)
+
+
+def test_rome_edit_moves_the_bare_prompt_exactly_onto_its_target() -> None:
+    """Through the pipeline (2 generated templates, so the averaged key differs from the prompt's): the
+    reference update maps the bare prompt's key onto its value, so the edited layer's hidden state at the
+    subject's last token of the bare prompt reaches the target (residual after ~ 0)."""
+    ed = editor_on_tiny("rome", [2], n_templates=2, template_length=4)
+    assert len(ed.templates) == 3
+    report = ed.edit([request()]).batches[0]
+    assert report.residual_before > 1e-2
+    assert report.residual_after < 1e-4 * report.residual_before
 
 
 def test_rome_solve_of_several_columns_is_sequential() -> None:
@@ -187,7 +233,15 @@ class _Counting(LocateThenEditEditor):
     ) -> dict[str, torch.Tensor]:
         return {"n": torch.zeros((), dtype=torch.int64)}
 
-    def solve(self, layer: int, K: torch.Tensor, E: torch.Tensor, W: torch.Tensor) -> _Pending:
+    def solve(
+        self,
+        layer: int,
+        K: torch.Tensor,
+        E: torch.Tensor,
+        W: torch.Tensor,
+        *,
+        K_prompt: torch.Tensor | None = None,
+    ) -> _Pending:
         assert K.shape[1] == 1 and E.shape[0] == 1
         n = self.layer_state[layer]["n"]
         return _Pending(torch.zeros_like(W, dtype=torch.float64), {"n": n + 1}, {"K": K.float().contiguous()})
@@ -285,3 +339,65 @@ def test_smollm2_defaults_build_valid_configs(name: str) -> None:
         assert cfg.layers == (5,)
     else:
         assert cfg.layers == (3, 4, 5, 6, 7)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Norm-anchored targets (NAS), shared by every closed-form editor
+
+
+def test_norm_anchor_targets_follow_nas() -> None:
+    """Reference (NAS ``compute_z``): ``v* = delta + v0``; if ``||v*|| > 2 mean`` then ``v* = v0`` else
+    ``v* = v* * mean / ||v*||``; ``target = (target_init - v0) + v*``; ``mean`` the upper-trimmed (95%) mean
+    of ``||v*||`` over sampled requests."""
+    from rlsedit.editors.base import norm_anchor_targets, reference_value_norm
+
+    g = torch.Generator().manual_seed(0)
+    h0 = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    v0 = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    delta = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    delta[3] *= 40.0  # a value vector far above twice the reference: left at v0
+    z = h0 + delta
+    ref = 3.0
+    got, skipped = norm_anchor_targets(z, h0, v0, ref)
+    for i in range(5):
+        v_star = delta[i] + v0[i]
+        v_star = v0[i] if v_star.norm() > 2 * ref else v_star * ref / v_star.norm()
+        torch.testing.assert_close(got[i], (h0[i] - v0[i]) + v_star)
+    assert skipped == 1
+    norms = (v0 + delta).norm(dim=1)
+    many = torch.cat([norms, norms + 1, norms + 2, norms + 3])  # 20 rows: the largest one is dropped
+    rows = torch.cat([v0 + delta] * 4)
+    scale = many / norms.repeat(4)
+    assert reference_value_norm(rows * scale[:, None], torch.zeros_like(rows), torch.zeros_like(rows)) == (
+        pytest.approx(float(torch.sort(many).values[:19].mean()))
+    )
+    with pytest.raises(ValueError, match="reference norm"):
+        norm_anchor_targets(z, h0, v0, 0.0)
+
+
+def test_norm_anchor_is_measured_once_and_applied_by_every_closed_form_editor() -> None:
+    """The reference is measured on the unedited model from tune cases (kept in the config), and each
+    batch's targets are rescaled before the solve: the MEMIT and AlphaEdit editors take the same option."""
+    from rlsedit.datasets import load_counterfact
+    from rlsedit.editors.base import norm_anchor_targets, reference_value_norm
+    from rlsedit.locate import compute_hidden, compute_targets
+
+    ed = editor_on_tiny("memit", [2, 3], norm_anchor=True, norm_anchor_samples=3)
+    tune = load_counterfact(split="tune")
+    reqs = [tune[i * len(tune) // 3].request for i in range(3)]
+    tr = compute_targets(ed.model, ed.tokenizer, reqs, 3, ed.templates, ed.config.targets)
+    v0 = compute_hidden(ed.model, ed.tokenizer, reqs, ed.modules[3])
+    assert ed.config.norm_anchor_ref == pytest.approx(reference_value_norm(v0, tr.z, tr.h0), rel=1e-5)
+    # the batch's targets are the rescaled ones
+    batch = [request(), request("Lyon", "Beirut")]
+    tb = compute_targets(ed.model, ed.tokenizer, batch, 3, ed.templates, ed.config.targets)
+    want, _ = norm_anchor_targets(
+        tb.z, tb.h0, compute_hidden(ed.model, ed.tokenizer, batch, ed.modules[3]), ed.config.norm_anchor_ref
+    )
+    torch.testing.assert_close(ed._norm_anchored(batch, tb, 3), want)
+    assert float((want - tb.z).norm()) > 1e-4
+    for name in ("memit", "alphaedit", "rlsedit"):
+        e = editor_on_tiny(name, [2, 3], norm_anchor=True, norm_anchor_ref=2.5)
+        assert e.edit(batch).batches[0].n_requests == 2
+    with pytest.raises(ValueError, match="norm_anchor_ref"):
+        editor_on_tiny("memit", [2], norm_anchor_ref=-1.0)

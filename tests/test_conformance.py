@@ -48,7 +48,8 @@ TINY_COMMON: dict[str, Any] = {"layers": [2, 3], **tiny_models.STRONG_TARGETS}
 TINY_SETTINGS: dict[str, dict[str, Any]] = {
     "rlsedit": {"lam": 1.0, "mu": 1.0},
     "memit": {"mu": 1.0},
-    "alphaedit": {"alpha": 1.0, "nullspace_threshold": 0.5},
+    # a tiny random Sigma has any scale: the null space relative to its largest eigenvalue
+    "alphaedit": {"alpha": 1.0, "nullspace_threshold": 0.5, "nullspace_rule": "relative"},
     "rome": {"layers": [3], "lam": 1.0, "mu": 1.0},
     # FT's own lr and steps (FT has no target optimisation)
     "ft": {"layers": [3], "lr": 0.05, "steps": 30, "norm_constraint": 0.5},

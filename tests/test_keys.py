@@ -42,10 +42,29 @@ def test_keys_and_hidden_match_unbatched_full_forward(model_type: str) -> None:
     arch = get_arch(model)
     proj = f"{arch.blocks}.1.{arch.mlp_out}"
     block = f"{arch.blocks}.1"
-    K = compute_keys(model, tokenizer, TEST_REQUESTS, proj, CONTEXTS, chunk_size=3)
+    K = compute_keys(model, tokenizer, TEST_REQUESTS, proj, CONTEXTS, chunk_size=3, weighting="uniform")
     ref = _one_by_one(model, tokenizer, proj, True, CONTEXTS)
     assert K.shape == (ref.shape[-1], len(TEST_REQUESTS))
     assert torch.allclose(K, ref.mean(1).T, rtol=1e-4, atol=1e-5)
+    # the default: MEMIT's compute_ks, the mean per context type: 1/2 the bare prompt, 1/2 the generated
+    K_ref, K_p = compute_keys(model, tokenizer, TEST_REQUESTS, proj, CONTEXTS, chunk_size=3, with_prompt=True)
+    memit = (ref[:, 0] + ref[:, 1:].mean(1)) / 2
+    assert torch.allclose(K_ref, memit.T, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(K_ref, K, rtol=1e-3, atol=1e-4)
+    assert torch.allclose(K_p, ref[:, 0].T, rtol=1e-4, atol=1e-5)
     h = compute_hidden(model, tokenizer, TEST_REQUESTS, block, chunk_size=3)
     ref_h = _one_by_one(model, tokenizer, block, False, [""])[:, 0]
     assert torch.allclose(h, ref_h, rtol=1e-4, atol=1e-5)
+
+
+def test_key_weights() -> None:
+    from rlsedit.locate.keys import key_weights
+
+    assert key_weights(6).tolist() == pytest.approx([0.5] + [0.1] * 5)
+    assert key_weights(1).tolist() == [1.0]
+    assert key_weights(4, "uniform").tolist() == [0.25] * 4
+    with pytest.raises(ValueError, match="weighting"):
+        key_weights(3, "mean")
+    model, tokenizer = tiny_model("llama", seed=0)
+    with pytest.raises(ValueError, match="bare prompt"):
+        compute_keys(model, tokenizer, TEST_REQUESTS, "model.layers.1.mlp.down_proj", ["Hi. ", ""])

@@ -618,8 +618,15 @@ def test_nullspace_projector_on_constructed_spectrum():
         ]
     )
     sigma = U @ torch.diag(evals) @ U.T
-    P, dim = nullspace_projector(sigma, threshold=1e-2)
+    # relative: below 1e-2 x lambda_max = 0.1
+    P, dim = nullspace_projector(sigma, threshold=1e-2, relative=True)
     assert dim == 18
+    # absolute (AlphaEdit's get_project: singular values below 2e-2): 0.0794 .. 1e-8 and the zeros
+    # are 10^-1.1 .. : count those below 0.02 directly from the spectrum
+    P_abs, dim_abs = nullspace_projector(sigma, threshold=2e-2)
+    assert dim_abs == int((evals < 2e-2).sum()) and 3 < dim_abs < 18
+    torch.testing.assert_close(P_abs, U[:, evals < 2e-2] @ U[:, evals < 2e-2].T, atol=1e-10, rtol=0)
+    assert float(torch.linalg.norm(P_abs @ sigma)) < 2e-2 * dim_abs**0.5
     assert P.shape == (D_K, D_K) and P.dtype == F64
     assert torch.allclose(P, P.T, atol=1e-14)
     assert torch.allclose(P @ P, P, atol=1e-12)
@@ -630,7 +637,7 @@ def test_nullspace_projector_on_constructed_spectrum():
     assert torch.allclose(P @ small, small, atol=1e-10)
     # P kills the keys' span that Sigma knows
     assert float(torch.linalg.norm(P @ sigma)) < 0.1 * 18**0.5
-    P32, dim32 = nullspace_projector(sigma.float(), threshold=1e-2)
+    P32, dim32 = nullspace_projector(sigma.float(), threshold=1e-2, relative=True)
     assert dim32 == 18 and P32.dtype == torch.float32
     P0, dim0 = nullspace_projector(torch.zeros(5, 5, dtype=F64))
     assert dim0 == 5 and torch.allclose(P0, torch.eye(5, dtype=F64))

@@ -33,7 +33,7 @@ SETTINGS: dict[str, Any] = {
 METHODS: dict[str, dict[str, Any]] = {
     "rlsedit": {"layers": [2, 3], "lam": 1.0, "mu": 1.0},
     "memit": {"layers": [2, 3], "mu": 1.0},
-    "alphaedit": {"layers": [2, 3], "alpha": 1.0, "nullspace_threshold": 0.5},
+    "alphaedit": {"layers": [2, 3], "alpha": 1.0, "nullspace_threshold": 0.5, "nullspace_rule": "relative"},
     "rome": {"layers": [3], "lam": 1.0, "mu": 1.0},
     "ft": {"layers": [3], "lr": 0.05, "steps": 30, "norm_constraint": 0.5},
 }

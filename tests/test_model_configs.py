@@ -51,7 +51,7 @@ MODELS: dict[str, tuple[str, dict[str, Any], int, int, list[int], float]] = {
         },
         18944,
         3584,
-        [4, 5, 6, 7, 8],
+        [7, 8, 9, 10, 11],  # the RLSEdit release's Qwen2.5-7B files (AlphaEdit's, RLSEdit's)
         15000.0,
     ),
     "gpt2-xl.json": (

@@ -79,7 +79,8 @@ def _direct(
     cfg = editor.config
     sigma = editor.sigmas[layer].to(torch.float64)
     W0 = editor.W0[layer].to(torch.float64)
-    A = cfg.mu**2 * sigma + cfg.lam**2 * torch.eye(sigma.shape[0], dtype=torch.float64)
+    # mu_t^2: the configured mu^2 unless a growing anchor raised it
+    A = editor.anchor_mu2(layer) * sigma + cfg.lam**2 * torch.eye(sigma.shape[0], dtype=torch.float64)
     B = A @ W0
     for b in editor.batches:
         cols = [j for j, a in enumerate(b["active"]) if a and (b["id"], j) not in skip]
@@ -166,6 +167,32 @@ def test_weights_equal_closed_form_minimiser() -> None:
         assert torch.equal(st["C"], st["C"].T)
         assert float((_weight(editor, layer) - editor.W0[layer].double()).norm()) > 0.1
     _check_minimiser(editor, what="3 batches")
+
+
+def test_growing_anchor_keeps_the_exact_minimiser_and_exact_retraction() -> None:
+    """mu_t^2 = mu^2 max(1, n_t / n_ref), re-weighed every batch: after 3 batches of 2 (n_ref = 2, mu = 1)
+    the anchor weighs 3, every layer holds the closed-form minimiser of the re-weighed objective over all
+    recorded batches, and a retraction is still exact."""
+    editor = _editor(anchor_ref=2, anchor_every=1)
+    editor.edit(REQUESTS, batch_size=2)
+    for layer in LAYERS:
+        assert editor.anchor_mu2(layer) == pytest.approx(3.0, rel=1e-12)
+    _check_minimiser(editor, what="growing anchor")
+    fixed = _editor()
+    fixed.edit(REQUESTS, batch_size=2)
+    assert fixed.anchor_mu2(LAYERS[0]) == 1.0
+    assert float((_weight(editor, 1) - _weight(fixed, 1)).norm()) > 1e-3
+    editor.retract(1)
+    _check_minimiser(editor, skip=[(1, 0), (1, 1)], what="growing anchor, batch 1 retracted")
+    # re-weighed every 2 batches: at batches 0 and 2 only (n = 2 and 6: mu_t^2 = 1, then 3)
+    every2 = _editor(anchor_ref=2, anchor_every=2)
+    every2.edit(REQUESTS[:4], batch_size=2)
+    assert every2.anchor_mu2(1) == 1.0
+    every2.edit(REQUESTS[4:6], batch_size=2)
+    assert every2.anchor_mu2(1) == pytest.approx(3.0, rel=1e-12)
+    _check_minimiser(every2, what="growing anchor every 2 batches")
+    with pytest.raises(ValueError, match="anchor_ref"):
+        _editor(anchor_ref=-1)
 
 
 def test_first_batch_targets_are_current_plus_residual_share() -> None:

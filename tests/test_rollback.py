@@ -69,8 +69,8 @@ def corrupt_second_layer(editor: Any, corrupt: Callable[[_Pending], _Pending]) -
     original = editor.solve
     second = editor.config.layers[1]
 
-    def solve(layer: int, K: torch.Tensor, E: torch.Tensor, W: torch.Tensor) -> _Pending:
-        p = original(layer, K, E, W)
+    def solve(layer: int, K: torch.Tensor, E: torch.Tensor, W: torch.Tensor, **kw: Any) -> _Pending:
+        p = original(layer, K, E, W, **kw)
         return corrupt(p) if layer == second else p
 
     editor.solve = solve

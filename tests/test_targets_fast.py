@@ -47,7 +47,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _run(model, tokenizer, fast: bool, stop_nll: float, contexts=CONTEXTS, requests=REQUESTS) -> TargetResult:
-    cfg = TargetConfig(chunk_rows=CHUNK_ROWS, steps=STEPS, stop_nll=stop_nll, fast=fast)
+    cfg = TargetConfig(chunk_rows=CHUNK_ROWS, steps=STEPS, stop_nll=stop_nll, fast=fast, stop_on="nll")
     return compute_targets(model, tokenizer, requests, LAYER, contexts, cfg)
 
 
@@ -155,12 +155,24 @@ def test_fallback_warns_and_matches(
     assert torch.equal(fell.z, slow.z)
 
 
-def test_chunk_loss_matches_per_row_terms() -> None:
+@pytest.mark.parametrize("reference", [True, False])
+def test_chunk_loss_matches_per_row_terms(reference: bool) -> None:
     """The vectorised loss of a chunk equals the loss written row by row: each request's NLL is the mean
-    over its target tokens of -log p, averaged over its contexts; the KL rows add kl_factor * KL(p0 || p)."""
+    over its target tokens of -log p, averaged over its contexts; its KL row gives KL(p || p0) at the
+    subject's last token of "{} is a" (MEMIT: ``kl_div(init, cur, log_target=True)``) or, as the named
+    option, KL(p0 || p) at the last token."""
     torch.manual_seed(0)
     model, tokenizer = tiny_model("llama", seed=0, **OVERRIDES)
-    rows = [r for rr in targets_mod._build_rows(tokenizer, REQUESTS, CONTEXTS, "{} is a") for r in rr]
+    rows = [
+        r
+        for rr in targets_mod._build_rows(tokenizer, REQUESTS, CONTEXTS, "{} is a", kl_at_subject=reference)
+        for r in rr
+    ]
+    kl_rows = [r for r in rows if r.kind == "kl"]
+    if reference:
+        assert all(r.target_pos == [r.subject_last] == [len(r.ids) - 1] for r in kl_rows)
+    else:
+        assert all(r.target_pos == [len(r.ids) - 1] and r.subject_last < len(r.ids) - 1 for r in kl_rows)
     sites = targets_mod._Sites(
         inject="model.layers.1.mlp.down_proj", read="model.layers.1", final_norm="model.norm"
     )
@@ -172,9 +184,9 @@ def test_chunk_loss_matches_per_row_terms() -> None:
     kl_init: list = [None] * len(REQUESTS)
     ref_p = [torch.log_softmax(torch.randn(model.config.vocab_size), -1) for _ in REQUESTS]
     kl_init[1], kl_init[3] = ref_p[1], ref_p[3]  # the others are set from this call's distributions
-    loss, nll = targets_mod._chunk_loss(model, rows, out, chunk, n_ctx, kl_init, 0.25)
+    kl, nll = targets_mod._chunk_loss(model, rows, out, chunk, n_ctx, kl_init, kl_reverse=reference)
     ref_nll = {i: torch.zeros(()) for i in chunk}
-    ref_kl = torch.zeros(())
+    ref_kl = {i: torch.zeros(()) for i in chunk}
     for k, r in enumerate(rows):
         lp = torch.log_softmax(
             targets_mod.logits_from_hidden(model, out.hidden[k, torch.tensor(r.target_pos)]).float(), -1
@@ -183,11 +195,13 @@ def test_chunk_loss_matches_per_row_terms() -> None:
             ref_nll[r.req] += -lp[torch.arange(len(r.target_tok)), torch.tensor(r.target_tok)].mean() / n_ctx
         else:
             p0 = ref_p[r.req] if r.req in (1, 3) else lp[0].detach()
-            ref_kl += (p0.exp() * (p0 - lp[0])).sum()
+            p, q = (lp[0], p0) if reference else (p0, lp[0])
+            ref_kl[r.req] += (p.exp() * (p - q)).sum()
     for i in chunk:
         assert torch.allclose(nll[i], ref_nll[i], rtol=1e-5, atol=1e-6)
-    assert float(ref_kl.detach()) > 1e-3  # requests 1 and 3 have a reference other than their own
-    assert torch.allclose(loss, 0.25 * ref_kl, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(kl[i], ref_kl[i], rtol=1e-5, atol=1e-6)
+    assert min(float(ref_kl[1].detach()), float(ref_kl[3].detach())) > 1e-3  # another reference
+    assert float(kl[0].detach()) == pytest.approx(0.0, abs=1e-6)
     assert all(t is not None for t in kl_init)
 
 

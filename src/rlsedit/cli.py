@@ -179,6 +179,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     lines = [number for number, _ in numbered]
     requests = [request for _, request in numbered]
     overrides = _overrides(args.set)
+    if not editor_class(args.method).uses_targets:
+        raise SystemExit(f"rlsedit: {args.method} optimises no targets; pick a locate-then-edit method")
     check_option_names(editor_class(args.method).config_class, overrides)  # before the model is loaded
     run = Path(args.run)
     if not _has_run(run) and (run / "spec.json").exists():
@@ -411,6 +413,67 @@ def _print_summaries(rows: list[tuple[str, dict[str, Any]]]) -> None:
         _out(f"{label:16}" + "".join(cells))
 
 
+def cmd_targets(args: argparse.Namespace) -> int:
+    """Optimise the targets of a dataset range once on the unedited model (a static target store)."""
+    from rlsedit.editors.base import check_config, check_option_names, editor_class
+    from rlsedit.experiment import ExperimentSpec, _cases
+    from rlsedit.locate.provider import StaticTargetStore, fill_static_targets, target_settings
+    from rlsedit.locate.templates import generate_context_templates
+    from rlsedit.models.load import model_fingerprint
+
+    overrides = _overrides(args.set)
+    if not editor_class(args.method).uses_targets:
+        raise SystemExit(f"rlsedit: {args.method} optimises no targets; pick a locate-then-edit method")
+    check_option_names(editor_class(args.method).config_class, overrides)
+    # the same case list a run of this dataset, split, offset and size edits (bad ranges refused here)
+    spec = ExperimentSpec(
+        method=args.method,
+        dataset=args.dataset,
+        split=args.split,
+        edits=args.edits,
+        offset=args.offset,
+        overrides=overrides,
+        fluency=0,
+    )
+    cases = _cases(spec)
+    name, model, tok = _load(args)
+    config = check_config(args.method, model, overrides)
+    templates = generate_context_templates(
+        model, tok, n=config.n_templates, length=config.template_length, seed=config.seed
+    )
+    layer = config.layers[-1]
+    meta = {
+        "model": {"name": name, "fingerprint": model_fingerprint(model)},
+        "settings": target_settings(layer, templates, config.targets),
+        "dataset": args.dataset,
+        "split": args.split,
+    }
+    try:
+        store = StaticTargetStore.create(args.out, meta)
+    except ValueError as exc:
+        raise SystemExit(f"rlsedit: {exc}") from None
+    positions = list(range(args.offset, args.offset + len(cases)))
+    res = fill_static_targets(
+        store,
+        model,
+        tok,
+        [c.request for c in cases],
+        positions,
+        layer,
+        templates,
+        config.targets,
+        piece_size=args.piece,
+        progress=True,
+    )
+    per = res["seconds"] / res["computed"] if res["computed"] else float("nan")
+    _out(
+        f"static targets at layer {layer} for {args.dataset} {args.split} {args.offset}-"
+        f"{args.offset + len(cases)}: {res['computed']} computed ({per:.2f} s per edit), "
+        f"{res['skipped']} already there; store {args.out}"
+    )
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from rlsedit.experiment import ExperimentSpec, run_experiment
 
@@ -428,6 +491,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         capability=_capability_config(args),
         consistency_dir=args.consistency_dir,
         checkpoint_cases=args.checkpoint_cases,
+        targets="static" if args.static_targets else "dynamic",
     )
     res = run_experiment(
         spec,
@@ -439,6 +503,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         targets_cache=args.targets_cache,
         pre_cache=args.pre_cache,
         stop_after=args.stop_after,
+        static_targets=args.static_targets,
         **({} if args.replay_rtol is None else {"replay_rtol": args.replay_rtol}),
     )
     if res.get("stopped_after") is not None:
@@ -631,6 +696,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder keeping optimised targets; reused for the same model state and requests",
     )
     rn.add_argument(
+        "--static-targets",
+        default=None,
+        metavar="DIR",
+        help="read every target from a store made by `rlsedit targets` (optimised once on the unedited "
+        "model) instead of optimising each batch's on the edited model",
+    )
+    rn.add_argument(
         "--replay-rtol",
         type=_positive_float,
         default=None,
@@ -645,6 +717,22 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (JSON)")
     _add_eval_args(rn, fluency_default=100)
     rn.set_defaults(func=cmd_run)
+
+    tg = sub.add_parser(
+        "targets",
+        help="optimise the targets of a dataset range once on the unedited model (for run --static-targets); "
+        "resumable, and disjoint ranges may fill one folder side by side",
+    )
+    _add_model_args(tg)
+    tg.add_argument("--method", default="rlsedit", help="whose settings (last layer, target settings)")
+    tg.add_argument("--dataset", default="counterfact", choices=["counterfact", "zsre"])
+    tg.add_argument("--split", default="test", choices=["test", "tune"])
+    tg.add_argument("--edits", type=_positive_int, required=True)
+    tg.add_argument("--offset", type=int, default=0, help="skip this many cases of the split first")
+    tg.add_argument("--piece", type=_positive_int, default=100, help="requests optimised together per file")
+    tg.add_argument("--out", required=True, help="the store's folder (resumed if it exists)")
+    tg.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (JSON)")
+    tg.set_defaults(func=cmd_targets)
 
     ev = sub.add_parser(
         "eval", help="score the edited state of a run directory (CounterFact/zsRE, capability)"

@@ -64,11 +64,14 @@ _LATER_FIELDS: dict[str, Any] = {
     "capability": None,
     "consistency_dir": None,
     "checkpoint_cases": 0,
+    "targets": "dynamic",
 }
 
 log = logging.getLogger(__name__)
 
 SPEC_FORMAT = "rlsedit-experiment/1"
+#: How a run's targets are obtained (see ``ExperimentSpec.targets``).
+TARGET_PROTOCOLS = ("dynamic", "static")
 
 
 @dataclass
@@ -94,6 +97,9 @@ class ExperimentSpec:
         them, the latest batch's last case included) for the checkpoint's summary, plus the earliest
         ``retention`` slices in full; 0: every edited case (the cost of a checkpoint then grows with the
         stream: ~0.3 s per case for SmolLM2 on 2 CPU cores). The final scoring always covers every case.
+        targets: "dynamic" (each batch's targets optimised on the model as edited so far, the papers'
+            protocol) or "static" (read from a store optimised once on the unedited model, ``rlsedit
+            targets``; the run is then given the store's folder).
     """
 
     model: str = "smollm2-135m"
@@ -110,6 +116,7 @@ class ExperimentSpec:
     capability: dict[str, Any] | None = None
     consistency_dir: str | None = None
     checkpoint_cases: int = 0
+    targets: str = "dynamic"
 
     def __post_init__(self) -> None:
         from rlsedit.editors.base import check_option_names, editor_class
@@ -127,6 +134,8 @@ class ExperimentSpec:
             raise ValueError("fluency (a number of cases) must be >= 0")
         if self.checkpoint_cases < 0:
             raise ValueError("checkpoint_cases must be >= 0 (0: every edited case)")
+        if self.targets not in TARGET_PROTOCOLS:
+            raise ValueError(f"targets must be one of {TARGET_PROTOCOLS}, got {self.targets!r}")
         if self.dataset != "counterfact":
             self.fluency = 0  # fluency and consistency are CounterFact metrics
             if self.consistency_dir is not None:
@@ -599,6 +608,7 @@ def run_experiment(
     pre_cache: str | Path | None = None,
     stop_after: int | None = None,
     replay_rtol: float = REPLAY_RTOL,
+    static_targets: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the experiment ``spec`` in folder ``out``; return the results dict.
 
@@ -619,9 +629,16 @@ def run_experiment(
     replays the recorded batches first, each with the targets its record names, and refuses to go on
     past one whose report differs from the record by more than ``replay_rtol`` (relative); each replayed
     batch's largest difference is kept in :data:`REPLAY_FILE`.
+
+    ``static_targets``: the folder of a :class:`rlsedit.locate.provider.StaticTargetStore` (``rlsedit
+    targets``), required when ``spec.targets`` is "static" and refused otherwise. A store made for another
+    model, last layer, templates or target settings, or lacking a request of the stream, is refused
+    before anything is written.
     """
     from rlsedit.editors import load_editor, make_editor
-    from rlsedit.editors.base import check_config
+    from rlsedit.editors.base import check_config, editor_class
+    from rlsedit.locate.provider import StaticTargetStore, TargetProvider, target_settings
+    from rlsedit.locate.templates import generate_context_templates
     from rlsedit.models.load import load_model
 
     out = Path(out)
@@ -637,11 +654,27 @@ def run_experiment(
         old = load_json(spec_path)
         if not spec.matches(old):
             raise ValueError(f"{out} holds a different experiment ({old}); use a new folder")
+    if (spec.targets == "static") != (static_targets is not None):
+        raise ValueError(
+            "a static-target run needs the store's folder (--static-targets DIR); only such a run takes one"
+        )
+    if spec.targets == "static" and not editor_class(spec.method).uses_targets:
+        raise ValueError(f"{spec.method} optimises no targets: it cannot read static ones")
+    static = None if static_targets is None else StaticTargetStore(static_targets)
     superseded = set(superseded_cases(cases))
     t_load = time.perf_counter()
     model, tok = load_model(spec.model, device=device, dtype=dtype)
     log.info("model %s loaded in %.1fs", spec.model, time.perf_counter() - t_load)
-    check_config(spec.method, model, spec.overrides)
+    config = check_config(spec.method, model, spec.overrides)
+    if static is not None:
+        templates = generate_context_templates(
+            model, tok, n=config.n_templates, length=config.template_length, seed=config.seed
+        )
+        static.check(
+            model,
+            target_settings(config.layers[-1], templates, config.targets),
+            [c.request for c in cases],
+        )
     out.mkdir(parents=True, exist_ok=True)
     if not spec_path.exists():
         save_json(spec_path, spec.to_dict())
@@ -674,7 +707,7 @@ def run_experiment(
             editor.load_name = spec.model
             editor.attach(store)
             log.info("editor ready in %.1fs", time.perf_counter() - t0)
-        editor.targets_cache = targets_cache
+        editor.use_targets(TargetProvider(cache_dir=targets_cache, static=static))
         batches_path = out / "batches.json"
         reports: list[dict[str, Any]] = load_json(batches_path) if batches_path.exists() else []
         (out / "checkpoints").mkdir(exist_ok=True)
@@ -714,14 +747,11 @@ def run_experiment(
                 stopped_at = k
                 break
             replay = k in recorded  # this chunk's batch is in batches.json, but not in the editor's state
-            if replay and targets_cache is not None:
-                editor.replay_targets = _recorded_targets_keys(
-                    Path(targets_cache), reports[recorded[k]], target_index
-                )
-            try:
+            keys = None
+            if replay and targets_cache is not None and static is None:
+                keys = _recorded_targets_keys(Path(targets_cache), reports[recorded[k]], target_index)
+            with editor.targets_provider.recorded(keys):
                 rep = editor.edit([c.request for c in chunk])
-            finally:
-                editor.replay_targets = None
             done += len(chunk)
             if rep.batches and not replay:  # applied now (a resumed run skips the chunks applied before)
                 pace.add(len(chunk), rep.seconds())
@@ -842,7 +872,7 @@ def run_experiment(
     )
     checkpoints = load_checkpoints(out)
     timings, n_timed = timing_sums(reports)
-    computed_sums, n_computed = timing_sums(reports, skip_cached_targets=True)
+    computed_sums, n_computed = timing_sums(reports, skip_cached_targets=spec.targets == "dynamic")
     if command is None and (out / "results.json").exists():
         command = load_json(out / "results.json").get("command")
     results = {

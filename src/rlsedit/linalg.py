@@ -601,15 +601,18 @@ def memit_delta(sigma: Tensor, K: Tensor, E: Tensor, mu: float) -> Tensor:
     return solve_spd(A, Kc @ E.to(dt))
 
 
-def nullspace_projector(sigma: Tensor, threshold: float = 1e-2) -> tuple[Tensor, int]:
+def nullspace_projector(sigma: Tensor, threshold: float = 2e-2, relative: bool = False) -> tuple[Tensor, int]:
     """AlphaEdit's projector onto the (approximate) null space of ``Sigma``.
 
-    ``P = U U^T`` where the columns of ``U`` are the eigenvectors of ``Sigma`` whose eigenvalue is
-    below ``threshold * lambda_max(Sigma)``. The eigen-decomposition is done in float64.
+    ``P = U U^T`` where the columns of ``U`` are the eigenvectors of ``Sigma`` whose eigenvalue is below
+    ``threshold`` (absolute, as AlphaEdit's reference ``get_project``: singular values of the per-token
+    mean second moment below ``nullspace_threshold = 2e-2``), or, with ``relative``, below
+    ``threshold * lambda_max(Sigma)``. The eigen-decomposition is done in float64.
 
     Args:
         sigma: ``(d_k, d_k)`` symmetric positive semi-definite.
-        threshold: relative eigenvalue threshold, ``>= 0``.
+        threshold: eigenvalue threshold, ``>= 0``.
+        relative: scale ``threshold`` by the largest eigenvalue.
 
     Returns:
         ``(P, dim)``: ``(d_k, d_k)`` symmetric idempotent projector in ``sigma.dtype`` and the
@@ -625,11 +628,17 @@ def nullspace_projector(sigma: Tensor, threshold: float = 1e-2) -> tuple[Tensor,
     if top <= 0.0:
         mask = torch.ones_like(evals, dtype=torch.bool)
     else:
-        mask = evals < threshold * top
+        mask = evals < (threshold * top if relative else threshold)
     U = evecs[:, mask]
     dim = int(U.shape[1])
     P = _symmetrise(U @ U.mT)
-    logger.info("null-space projector: dimension %d of %d (threshold %.1e x %.3e)", dim, d_k, threshold, top)
+    logger.info(
+        "null-space projector: dimension %d of %d (eigenvalues below %.3e%s)",
+        dim,
+        d_k,
+        threshold * top if relative else threshold,
+        f" = {threshold:.1e} x lambda_max" if relative else "",
+    )
     return P.to(sigma.dtype), dim
 
 
@@ -678,23 +687,27 @@ def alphaedit_delta(P: Tensor, KpKpT: Tensor, K: Tensor, E: Tensor, alpha: float
     return X
 
 
-def rome_rank_one(C_inv: Tensor, W: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def rome_rank_one(C_inv: Tensor, W: Tensor, k: Tensor, v: Tensor, k_prompt: Tensor | None = None) -> Tensor:
     """ROME's rank-one update with ``C_inv`` (``Sigma^{-1}`` or a regularised inverse) as key metric.
 
-    ``Delta = (C_inv k) (v - W^T k)^T / (k^T C_inv k)``, so that ``k^T (W + Delta) = v`` exactly and
-    ``Delta`` has minimal ``Sigma``-weighted norm among updates that achieve it.
+    ``Delta = (C_inv k) (v - W^T k_p)^T / (k_p^T C_inv k)`` with ``k_p = k_prompt`` (the bare prompt's
+    key; ROME's reference ``compute_v``: ``(v - W k) / (k^T C^{-1} k_avg)`` with its ``cur_input``), so
+    that ``k_p^T (W + Delta) = v`` exactly; the update's direction is ``C_inv k`` (``k`` the key averaged
+    over context templates). Without ``k_prompt``, ``k_p = k``: then ``Delta`` has minimal
+    ``Sigma``-weighted norm among updates mapping ``k`` to ``v``.
 
     Args:
         C_inv: ``(d_k, d_k)`` symmetric positive definite key metric.
         W: ``(d_k, d_v)`` current weights.
-        k: ``(d_k,)`` the key.
-        v: ``(d_v,)`` the target value.
+        k: ``(d_k,)`` the (averaged) key.
+        v: ``(d_v,)`` the target value of ``k_p``.
+        k_prompt: ``(d_k,)`` the bare prompt's key, or None.
 
     Returns:
         ``(d_k, d_v)`` update in the promoted dtype of the inputs.
 
     Raises:
-        ValueError: bad shapes, or ``k^T C_inv k <= 0``.
+        ValueError: bad shapes, or ``k_p^T C_inv k <= 0``.
     """
     _check_square("C_inv", C_inv)
     _check_tensor("W", W, 2)
@@ -707,14 +720,22 @@ def rome_rank_one(C_inv: Tensor, W: Tensor, k: Tensor, v: Tensor) -> Tensor:
         raise ValueError(f"k must have shape ({d_k},), got {tuple(k.shape)}")
     if v.shape != (W.shape[1],):
         raise ValueError(f"v must have shape ({W.shape[1]},) to match W, got {tuple(v.shape)}")
-    _check_same_device(C_inv=C_inv, W=W, k=k, v=v)
+    if k_prompt is None:
+        k_prompt = k
+    elif k_prompt.shape != (d_k,):
+        raise ValueError(f"k_prompt must have shape ({d_k},), got {tuple(k_prompt.shape)}")
+    _check_same_device(C_inv=C_inv, W=W, k=k, v=v, k_prompt=k_prompt)
     dt = C_inv.dtype
-    for t in (W, k, v):
+    for t in (W, k, v, k_prompt):
         dt = torch.promote_types(dt, t.dtype)
     kc = k.to(dt)
+    kp = k_prompt.to(dt)
     left = C_inv.to(dt) @ kc  # (d_k,)
-    denom = float(kc @ left)
+    denom = float(kp @ left)
     if not denom > 0.0:
-        raise ValueError(f"k^T C_inv k = {denom:.3e} is not positive: C_inv must be positive definite")
-    residual = v.to(dt) - W.to(dt).mT @ kc  # (d_v,)
+        raise ValueError(
+            f"k_p^T C_inv k = {denom:.3e} is not positive: C_inv must be positive definite and the prompt's "
+            "key must not point away from the averaged one"
+        )
+    residual = v.to(dt) - W.to(dt).mT @ kp  # (d_v,)
     return torch.outer(left, residual) / denom

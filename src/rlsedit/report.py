@@ -77,17 +77,20 @@ def _cell(v: Any, digits: int = 1) -> str:
 
 def _per_edit_computed(result: dict[str, Any]) -> dict[str, float]:
     """Seconds per edit over the batches whose targets were optimised in the run (not read from a
-    ``--targets-cache``); see :func:`rlsedit.experiment.timing_sums`."""
+    ``--targets-cache``), or over every batch of a static-target run (reading them is its protocol); see
+    :func:`rlsedit.experiment.timing_sums`."""
     from rlsedit.experiment import timing_sums
 
-    sums, n = timing_sums(result.get("batches", []), skip_cached_targets=True)
+    dynamic = result.get("spec", {}).get("targets", "dynamic") == "dynamic"
+    sums, n = timing_sums(result.get("batches", []), skip_cached_targets=dynamic)
     if not n:
         return result.get("timings", {}).get("per_edit", {})
     return {k: v / n for k, v in sums.items()}
 
 
 def results_table(results: Sequence[dict[str, Any]], label_keys: Sequence[str] = ()) -> str:
-    """A Markdown table: one row per run (after editing) plus each distinct pre-edit row.
+    """A Markdown table: one row per run (after editing) plus each distinct pre-edit row; "targets" says
+    whether a run optimised each batch's targets on the edited model ("dynamic") or read static ones.
 
     ``label_keys``: config keys shown as extra columns (e.g. ``mu``, ``layers``).
     """
@@ -95,6 +98,7 @@ def results_table(results: Sequence[dict[str, Any]], label_keys: Sequence[str] =
         "run",
         "method",
         "edits",
+        "targets",
         *label_keys,
         *_METRICS,
         "fluency",
@@ -110,7 +114,7 @@ def results_table(results: Sequence[dict[str, Any]], label_keys: Sequence[str] =
         if pre_key not in seen_pre and any(r.get("pre", {}).get(m) is not None for m in _METRICS):
             seen_pre.add(pre_key)
             pre = r["pre"]
-            row = ["unedited", "-", str(r["edits"]), *["" for _ in label_keys]]
+            row = ["unedited", "-", str(r["edits"]), "-", *["" for _ in label_keys]]
             row += [_cell(pre.get(m)) for m in (*_METRICS, "fluency")] + ["-"] * len(_TIMES)
             lines.append("| " + " | ".join(row) + " |")
     for r in results:
@@ -124,7 +128,8 @@ def results_table(results: Sequence[dict[str, Any]], label_keys: Sequence[str] =
         edits = str(r["edits"])
         if r.get("partial"):
             edits += f" (in progress: {r['edits_applied']} of {r['spec']['edits']} applied)"
-        row = [Path(r["_dir"]).name, r["spec"]["method"], edits, *labels]
+        protocol = r["spec"].get("targets", "dynamic")
+        row = [Path(r["_dir"]).name, r["spec"]["method"], edits, protocol, *labels]
         row += [_cell(post.get(m)) for m in (*_METRICS, "fluency")]
         row += [_cell(per.get(k), 2) for k in _TIMES]
         lines.append("| " + " | ".join(row) + " |")

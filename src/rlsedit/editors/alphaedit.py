@@ -1,7 +1,8 @@
 """AlphaEdit (Fang et al., 2025): MEMIT's update projected onto the null space of the preserved keys.
 
 Per edited layer, ``P`` (``d_k x d_k``) projects onto the eigenvectors of ``Sigma`` whose eigenvalue is below
-``nullspace_threshold`` times the largest (the directions ordinary text hardly uses), and ``K_p K_p^T``
+``nullspace_threshold`` (absolute, as the reference's ``get_project``; ``nullspace_rule="relative"``: times
+the largest), the directions ordinary text hardly uses; the dimension is logged. ``K_p K_p^T``
 accumulates the keys of every earlier batch. A batch with keys ``K`` (``d_k x u``) and residual share
 ``E`` (``u x d_v``) gets
 
@@ -34,12 +35,15 @@ class AlphaEditConfig(EditorConfig):
 
     Attributes:
         alpha: ridge weight of the solve (the authors' ``L2``); must be > 0.
-        nullspace_threshold: eigenvalues of ``Sigma`` below this fraction of the largest span the null
-            space the update is projected onto.
+        nullspace_threshold: eigenvalues of ``Sigma`` below this span the null space the update is
+            projected onto (the reference's 2e-2 on the per-token mean second moment).
+        nullspace_rule: "absolute" (the reference: ``lambda < nullspace_threshold``) or "relative"
+            (``lambda < nullspace_threshold * lambda_max``).
     """
 
     alpha: float = 10.0
-    nullspace_threshold: float = 1e-2
+    nullspace_threshold: float = 2e-2
+    nullspace_rule: str = "absolute"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -47,6 +51,8 @@ class AlphaEditConfig(EditorConfig):
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if not self.nullspace_threshold > 0:
             raise ValueError(f"nullspace_threshold must be > 0, got {self.nullspace_threshold}")
+        if self.nullspace_rule not in ("absolute", "relative"):
+            raise ValueError(f"nullspace_rule must be 'absolute' or 'relative', got {self.nullspace_rule!r}")
 
 
 @register_editor
@@ -59,6 +65,8 @@ class AlphaEditEditor(LocateThenEditEditor):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._projectors: dict[int, torch.Tensor] = {}
+        #: the null-space dimension per layer, once its projector is computed
+        self.nullspace_dims: dict[int, int] = {}
         super().__init__(*args, **kwargs)
 
     def init_layer_state(
@@ -74,14 +82,19 @@ class AlphaEditEditor(LocateThenEditEditor):
         cache = self._projectors
         if layer not in cache:
             sigma = self.sigma_on_device(layer, keep=False).to(torch.float64)
-            P, dim = nullspace_projector(sigma, self.config.nullspace_threshold)
+            cfg = self.config
+            P, dim = nullspace_projector(
+                sigma, cfg.nullspace_threshold, relative=cfg.nullspace_rule == "relative"
+            )
             log.info(
-                "alphaedit layer %d: null space of dimension %d of %d kept (threshold %g)",
+                "alphaedit layer %d: null space of dimension %d of %d kept (threshold %g, %s)",
                 layer,
                 dim,
                 P.shape[0],
-                self.config.nullspace_threshold,
+                cfg.nullspace_threshold,
+                cfg.nullspace_rule,
             )
+            self.nullspace_dims[layer] = dim
             if dim == 0:
                 log.warning(
                     "alphaedit layer %d: the null space is empty, so every update is zero; raise "
@@ -91,7 +104,15 @@ class AlphaEditEditor(LocateThenEditEditor):
             cache[layer] = P
         return cache[layer]
 
-    def solve(self, layer: int, K: torch.Tensor, E: torch.Tensor, W: torch.Tensor) -> _Pending:
+    def solve(
+        self,
+        layer: int,
+        K: torch.Tensor,
+        E: torch.Tensor,
+        W: torch.Tensor,
+        *,
+        K_prompt: torch.Tensor | None = None,
+    ) -> _Pending:
         """``Delta (d_k, d_v)`` for keys ``K (d_k, u)`` and residual ``E (u, d_v)``; the next state adds
         ``K K^T`` to ``K_p K_p^T``. Float64 on the layer's device; nothing recorded."""
         KpKpT = self.layer_state[layer]["KpKpT"]

@@ -32,6 +32,9 @@ from tqdm.auto import tqdm
 
 from rlsedit.configs import model_defaults
 from rlsedit.locate import TargetConfig, compute_hidden, compute_keys, compute_targets
+from rlsedit.locate.keys import KEY_WEIGHTINGS
+from rlsedit.locate.provider import TargetProvider, target_settings
+from rlsedit.locate.targets import TargetResult
 from rlsedit.locate.templates import generate_context_templates
 from rlsedit.models.arch import (
     add_delta_kv,
@@ -57,6 +60,8 @@ __all__ = [
     "load_editor",
     "list_editors",
     "editor_class",
+    "norm_anchor_targets",
+    "reference_value_norm",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,6 +89,15 @@ class EditorConfig:
         stats_samples / stats_max_len / stats_corpus: the second-moment statistics.
         max_delta_ratio: refuse a batch whose weight change has ``||dW||_F > max_delta_ratio * ||W||_F``.
         seed: seeds template generation.
+        key_weighting: how keys are averaged over the templates: "reference" (1/2 the bare prompt, 1/2
+            the mean of the generated contexts, as MEMIT / AlphaEdit / the RLSEdit release) or "uniform".
+        norm_anchor: norm-anchored targets (NAS, arXiv 2602.02543), for every closed-form editor: each
+            target's value vector ``v* = v0 + (z - h0)`` (``v0`` the last layer's MLP output) is rescaled
+            to the reference norm ``norm_anchor_ref``, or, where ``||v*||`` exceeds twice it, left at
+            ``v0`` (that request is skipped); the target becomes ``h0 - v0 + v*``.
+        norm_anchor_ref: the reference norm: the mean ``||v*||`` of the unedited model's targets with the
+            top 5% left out (NAS's trimmed mean); 0: measured when the editor is made, on
+            ``norm_anchor_samples`` CounterFact tune cases (see :func:`reference_value_norm`).
     """
 
     layers: tuple[int, ...] = (3, 4, 5, 6, 7)
@@ -95,6 +109,10 @@ class EditorConfig:
     stats_corpus: str | None = None
     max_delta_ratio: float = 10.0
     seed: int = 0
+    key_weighting: str = "reference"
+    norm_anchor: bool = False
+    norm_anchor_ref: float = 0.0
+    norm_anchor_samples: int = 100
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, dict):
@@ -110,6 +128,10 @@ class EditorConfig:
             raise ValueError("n_templates >= 0 and template_length >= 1 are required")
         if self.max_delta_ratio <= 0:
             raise ValueError("max_delta_ratio must be > 0")
+        if self.norm_anchor_ref < 0 or self.norm_anchor_samples < 1:
+            raise ValueError("norm_anchor_ref must be >= 0 (0: measure it) and norm_anchor_samples >= 1")
+        if self.key_weighting not in KEY_WEIGHTINGS:
+            raise ValueError(f"key_weighting must be one of {KEY_WEIGHTINGS}, got {self.key_weighting!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -291,6 +313,33 @@ def editor_class(name: str) -> type:
         raise ValueError(_unknown(name, _REGISTRY, "editor")) from None
 
 
+def reference_value_norm(v0: torch.Tensor, z: torch.Tensor, h0: torch.Tensor, trim: float = 0.05) -> float:
+    """NAS's reference norm: the mean of ``||v0 + z - h0||`` over the rows ``(n, d_model)`` with the
+    largest ``floor(trim * n)`` left out."""
+    norms = torch.sort((v0 + z - h0).double().norm(dim=1)).values
+    drop = int(math.floor(trim * norms.numel()))
+    kept = norms[: norms.numel() - drop] if drop else norms
+    if not kept.numel():
+        raise ValueError("no value vectors left to average")
+    return float(kept.mean())
+
+
+def norm_anchor_targets(
+    z: torch.Tensor, h0: torch.Tensor, v0: torch.Tensor, ref: float
+) -> tuple[torch.Tensor, int]:
+    """NAS's norm-anchored targets: ``v* = v0 + z - h0`` rescaled to norm ``ref``, or ``v0`` where
+    ``||v*|| > 2 ref``; returns ``(h0 - v0 + v*, number left at v0)``, ``(u, d_model)`` like ``z``."""
+    if not ref > 0:
+        raise ValueError(f"the reference norm must be > 0, got {ref}")
+    dev = z.device
+    h0, v0 = h0.to(device=dev, dtype=z.dtype), v0.to(device=dev, dtype=z.dtype)
+    v_star = v0 + z - h0
+    norms = v_star.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    skip = norms[:, 0] > 2.0 * ref
+    scaled = torch.where(skip[:, None], v0, v_star * (ref / norms))
+    return h0 - v0 + scaled, int(skip.sum())
+
+
 def make_editor(
     name: str,
     model: nn.Module,
@@ -449,6 +498,8 @@ class LocateThenEditEditor:
     #: keys are computed on the model as edited by the requests before it, inside the same
     #: all-or-nothing batch, and solve() sees one key column at a time.
     one_request_at_a_time: ClassVar[bool] = False
+    #: whether the editor optimises target hidden states (FT does not: it fine-tunes on the requests)
+    uses_targets: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -507,6 +558,8 @@ class LocateThenEditEditor:
             state = self.init_layer_state(layer, self.W0[layer], sigma)
             self.layer_state[layer] = self._on_layer_device(layer, state)
             del sigma  # a temporary copy on the layer's device unless an editor keeps one
+        if config.norm_anchor and config.norm_anchor_ref <= 0 and self.uses_targets:
+            config.norm_anchor_ref = self._measure_norm_anchor()
 
     def layer_device(self, layer: int) -> torch.device:
         """The device of edited layer ``layer``'s weight (where its state and solves live)."""
@@ -603,13 +656,24 @@ class LocateThenEditEditor:
         layer's device; Sigma float64). The state is moved to the layer's device if it is not there."""
         return {}
 
-    def solve(self, layer: int, K: torch.Tensor, E: torch.Tensor, W: torch.Tensor) -> _Pending:
+    def solve(
+        self,
+        layer: int,
+        K: torch.Tensor,
+        E: torch.Tensor,
+        W: torch.Tensor,
+        *,
+        K_prompt: torch.Tensor | None = None,
+    ) -> _Pending:
         """The weight change of one layer.
 
         Args:
             K: ``(d_k, u)`` keys (columns), float64. E: ``(u, d_v)`` this layer's share of the residual,
                 float64. Both on the layer's device.
             W: ``(d_k, d_v)`` the current weight (the layer's dtype and device).
+            K_prompt: ``(d_k, u)`` the bare prompts' keys alone (float64, same device; ``K`` averages them
+                with the generated contexts'): ROME's reference uses them in its residual and
+                denominator. None where a caller has none (then ``K`` stands in).
         Returns:
             a :class:`_Pending` with ``delta (d_k, d_v)`` (any device and dtype: it is cast to the
             weight's when written), the layer's next state (on the layer's device) and what to record.
@@ -861,7 +925,7 @@ class LocateThenEditEditor:
         read = block_name(self.model, last_layer)
         t0 = time.perf_counter()
         tr = self._targets(reqs, last_layer)
-        z = tr.z
+        z = self._norm_anchored(reqs, tr, last_layer) if cfg.norm_anchor else tr.z
         report.target_nll_init = float(tr.nll_init.mean())
         report.target_nll_final = float(tr.nll_final.mean())
         report.targets_cached = bool(tr.extra.get("cached", False))
@@ -872,7 +936,15 @@ class LocateThenEditEditor:
         weights = self._weights()
         for i, layer in enumerate(cfg.layers):
             t1 = time.perf_counter()
-            K = compute_keys(self.model, self.tokenizer, reqs, self.modules[layer], self.templates)
+            K, K_prompt = compute_keys(
+                self.model,
+                self.tokenizer,
+                reqs,
+                self.modules[layer],
+                self.templates,
+                weighting=cfg.key_weighting,
+                with_prompt=True,
+            )
             cur = compute_hidden(self.model, self.tokenizer, reqs, read)
             timings["keys"] += time.perf_counter() - t1
             t2 = time.perf_counter()
@@ -882,7 +954,13 @@ class LocateThenEditEditor:
             if i == 0:
                 report.residual_before = float(resid.norm(dim=1).mean())
             E = resid / (len(cfg.layers) - i)
-            p = self.solve(layer, K.to(device=dev, dtype=torch.float64), E, W.detach())
+            p = self.solve(
+                layer,
+                K.to(device=dev, dtype=torch.float64),
+                E,
+                W.detach(),
+                K_prompt=K_prompt.to(device=dev, dtype=torch.float64),
+            )
             self._check_delta(layer, p.delta, W)
             add_delta_kv(get_module(self.model, self.modules[layer]), p.delta)
             pendings[layer] = p
@@ -896,89 +974,72 @@ class LocateThenEditEditor:
         report.residual_after = float((z.to(cur.device) - cur).norm(dim=1).mean())
         return pendings, timings
 
-    #: Optional folder caching target results (set by ``rlsedit run --targets-cache``); see :meth:`_targets`.
-    targets_cache: str | Path | None = None
-    #: Cache keys recorded for the batch being replayed (set by :func:`rlsedit.experiment.run_experiment`),
-    #: consumed in order by :meth:`_targets` instead of keys computed from the current weights.
-    replay_targets: list[str] | None = None
+    @property
+    def targets_provider(self) -> TargetProvider:
+        """Where targets come from (:class:`rlsedit.locate.provider.TargetProvider`; a runtime setting, not
+        saved): by default, optimised on the current model."""
+        provider = self.__dict__.get("_targets_provider")
+        if provider is None:
+            provider = self._targets_provider = TargetProvider()
+        return provider
 
-    def _targets_key(self, reqs: list[EditRequest], layer: int) -> str:
-        """Everything the targets depend on: the model (architecture and all weights, with the edited
-        matrices hashed in full), the requests, the layer, the templates and the target settings."""
-        from rlsedit.models.load import model_fingerprint
+    def use_targets(self, provider: TargetProvider) -> None:
+        """Take targets from ``provider`` from now on (a cache folder, a recorded stream, a static store).
 
-        h = hashlib.sha256()
-        h.update(model_fingerprint(self.model).encode())
-        for w in self._weights().values():
-            h.update(w.detach().to("cpu").contiguous().numpy().tobytes())
-        payload = {
-            "requests": [r.to_dict() for r in reqs],
-            "layer": layer,
-            "templates": list(self.templates),
-            "targets": dataclasses.asdict(self.config.targets),
-        }
-        h.update(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode())
-        return h.hexdigest()[:32]
+        A static store is checked at once against this editor (model, last layer, templates, target
+        settings); the requests are checked when a stream is known (:meth:`check_static_targets`)."""
+        if provider.static is not None:
+            provider.static.check(self.model, self.target_settings(), [])
+        self._targets_provider = provider
 
-    def _targets(self, reqs: list[EditRequest], layer: int):
-        """Target hidden states for ``reqs`` at ``layer`` (:class:`TargetResult`, ``z``: ``(u, d_model)``).
+    def target_settings(self) -> dict[str, Any]:
+        """What this editor's targets depend on besides the model and the requests (the last layer, the
+        templates, the target settings)."""
+        return target_settings(self.config.layers[-1], self.templates, self.config.targets)
 
-        With ``targets_cache`` set, a result computed before for exactly the same model state, requests,
-        templates and settings is read back instead of optimised again (e.g. the first batch of
-        several methods compared on the same stream). The file keeps ``z``, the NLLs and the steps;
-        ``h0`` is recomputed on reading (one forward of the bare prompts). While ``replay_targets`` holds
-        keys (a recorded batch replayed), the next one names the file instead: a replay on another
-        machine, whose weights differ from the recorded ones in the last bits, reads the targets the
-        recorded stream used. ``extra["cache_key"]`` names the file read or written.
-        """
-        from rlsedit.locate.targets import TargetResult
-        from rlsedit.store import load_tensors, save_tensors
+    def check_static_targets(self, requests: Sequence[EditRequest]) -> None:
+        """Refuse (ValueError, naming what differs) a static target store that does not fit this editor
+        or lacks one of ``requests``; nothing when targets are not static."""
+        static = self.targets_provider.static
+        if static is not None:
+            static.check(self.model, self.target_settings(), requests)
+
+    def _measure_norm_anchor(self) -> float:
+        """NAS's reference norm on the unedited model: :func:`reference_value_norm` of the targets of
+        ``norm_anchor_samples`` CounterFact tune cases spread over the split (kept in the config, so a
+        saved editor reuses it)."""
+        from rlsedit.datasets import load_counterfact
 
         cfg = self.config
-        path = None
-        key = None
-        replayed = bool(self.replay_targets)
-        if self.targets_cache is not None:
-            key = self.replay_targets.pop(0) if self.replay_targets else self._targets_key(reqs, layer)
-            path = Path(self.targets_cache) / f"targets-{key}.safetensors"
-            if path.is_file():
-                try:
-                    t = load_tensors(path)
-                    if t["z"].shape[0] != len(reqs):
-                        raise KeyError(f"{t['z'].shape[0]} targets for {len(reqs)} requests")
-                    log.info("targets read from the cache %s", path)
-                    # h0 (the hidden states before optimisation) is cheap to recompute and not kept
-                    h0 = t.get("h0")
-                    if h0 is None:
-                        h0 = compute_hidden(self.model, self.tokenizer, reqs, block_name(self.model, layer))
-                    return TargetResult(
-                        z=t["z"],
-                        h0=h0,
-                        nll_init=t["nll_init"],
-                        nll_final=t["nll_final"],
-                        steps=t["steps"],
-                        seconds=0.0,
-                        extra={"cached": True, "cache_key": key},
-                    )
-                except (CorruptStateError, KeyError) as exc:
-                    log.warning("ignoring a corrupt cached target file %s: %s", path, exc)
+        tune = load_counterfact(split="tune")
+        n = min(cfg.norm_anchor_samples, len(tune))
+        reqs = [tune[i * len(tune) // n].request for i in range(n)]
+        layer = cfg.layers[-1]
         tr = compute_targets(self.model, self.tokenizer, reqs, layer, self.templates, cfg.targets)
-        if path is not None:
-            if replayed:  # the recorded key's file is missing: keep the result under this state's key
-                key = self._targets_key(reqs, layer)
-                path = Path(self.targets_cache) / f"targets-{key}.safetensors"
-            tr.extra["cache_key"] = key
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_tensors(
-                path,
-                {
-                    "z": tr.z.detach().cpu().contiguous(),
-                    "nll_init": tr.nll_init.contiguous(),
-                    "nll_final": tr.nll_final.contiguous(),
-                    "steps": tr.steps.contiguous(),
-                },
+        v0 = compute_hidden(self.model, self.tokenizer, reqs, self.modules[layer])
+        ref = reference_value_norm(v0, tr.z, tr.h0)
+        log.info("norm anchor: reference value norm %.4g (layer %d, %d tune cases)", ref, layer, n)
+        return ref
+
+    def _norm_anchored(self, reqs: list[EditRequest], tr: TargetResult, layer: int) -> torch.Tensor:
+        """The targets ``z`` of ``tr`` with their value vectors rescaled to ``norm_anchor_ref`` (see
+        :class:`EditorConfig`); ``(u, d_model)``."""
+        v0 = tr.v0
+        if v0 is None:  # on the model as it is, like h0
+            v0 = compute_hidden(self.model, self.tokenizer, reqs, self.modules[layer])
+        z, n_skipped = norm_anchor_targets(tr.z, tr.h0, v0, self.config.norm_anchor_ref)
+        if n_skipped:
+            log.info(
+                "norm anchor: %d of %d requests left at v0 (||v*|| > 2x the reference)", n_skipped, len(reqs)
             )
-        return tr
+        return z
+
+    def _targets(self, reqs: list[EditRequest], layer: int) -> TargetResult:
+        """Target hidden states for ``reqs`` at ``layer`` (:class:`TargetResult`, ``z``: ``(u, d_model)``),
+        from :attr:`targets_provider`."""
+        return self.targets_provider.targets(
+            self.model, self.tokenizer, reqs, layer, self.templates, self.config.targets, self._weights()
+        )
 
     def _check_delta(self, layer: int, delta: torch.Tensor, W: torch.Tensor) -> None:
         if not torch.isfinite(delta).all():

@@ -133,6 +133,7 @@ class FTEditor(LocateThenEditEditor):
     name: ClassVar[str] = "ft"
     config_class: ClassVar[type[EditorConfig]] = FTConfig
     needs_stats: ClassVar[bool] = False
+    uses_targets: ClassVar[bool] = False
     config: FTConfig
 
     def _loss(self, batch: _Rows) -> torch.Tensor:

@@ -50,7 +50,15 @@ class MEMITEditor(LocateThenEditEditor):
     config_class: ClassVar[type[EditorConfig]] = MEMITConfig
     config: MEMITConfig
 
-    def solve(self, layer: int, K: torch.Tensor, E: torch.Tensor, W: torch.Tensor) -> _Pending:
+    def solve(
+        self,
+        layer: int,
+        K: torch.Tensor,
+        E: torch.Tensor,
+        W: torch.Tensor,
+        *,
+        K_prompt: torch.Tensor | None = None,
+    ) -> _Pending:
         """``Delta (d_k, d_v) = (mu^2 Sigma + K K^T)^{-1} K E`` for keys ``K (d_k, u)``, residual
         ``E (u, d_v)``; float64, on the layer's device. No state, nothing recorded."""
         sigma = self.sigma_on_device(layer)

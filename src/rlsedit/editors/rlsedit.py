@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from rlsedit.editors.base import EditorConfig, LocateThenEditEditor, _Pending, register_editor
+from rlsedit.editors.base import EditError, EditorConfig, LocateThenEditEditor, _Pending, register_editor
 from rlsedit.linalg import (
     RetractionError,
     drift,
@@ -66,6 +66,13 @@ class RLSEditConfig(EditorConfig):
             randomised estimate with ``drift_probes`` probes (``O(d_k^2 probes)``, see
             :func:`rlsedit.linalg.drift_estimate`): at ``d_k = 14336`` the exact check costs more than ten
             updates.
+        anchor_ref: 0 (default): a fixed anchor ``mu^2``. ``n_ref > 0``: the anchor keeps its share as
+            edits accumulate, ``mu_t^2 = mu^2 * max(1, n_t / n_ref)`` (``n_t``: edits applied, this batch
+            included), re-weighed every ``anchor_every`` batches. Each re-weighing re-inverts ``A_t``
+            (``O(d_k^3)`` per layer) and moves ``W`` to the exact minimiser of the re-weighed objective over
+            every recorded batch (``W_0 + C_t (B_t - G_t W_0)``, ``G_t = sum_s K_s K_s^T``); retraction stays
+            exact. Between re-weighings ``mu_t`` stays where it was set.
+        anchor_every: batches between re-weighings of a growing anchor.
         double_buffer: keep the ``C_t`` and ``A_t`` that a batch replaced and write the next batch's
             into them, instead of allocating two new ``(d_k, d_k)`` matrices per layer per batch (their
             page faults cost ~25% of an update at ``d_k = 14336``). The spares stay allocated between
@@ -81,6 +88,8 @@ class RLSEditConfig(EditorConfig):
     drift_exact_max: int = 4096
     drift_probes: int = 32
     double_buffer: bool = True
+    anchor_ref: int = 0
+    anchor_every: int = 10
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -94,6 +103,8 @@ class RLSEditConfig(EditorConfig):
             raise ValueError("drift_check_every must be >= 0")
         if self.drift_exact_max < 0 or self.drift_probes < 1:
             raise ValueError("drift_exact_max must be >= 0 and drift_probes >= 1")
+        if self.anchor_ref < 0 or self.anchor_every < 1:
+            raise ValueError("anchor_ref must be >= 0 (0: a fixed anchor) and anchor_every >= 1")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -125,9 +136,63 @@ class RLSEditor(LocateThenEditEditor):
         # A_0 exactly as C_0 inverts it (initial_inverse symmetrises Sigma), in float64
         A0 = anchor_matrix(sigma, cfg.lam, cfg.mu)
         B = torch.zeros(tuple(W0.shape), dtype=torch.float64, device=A0.device)
-        return {"C": C0, "A": A0, "B": B, "vv": torch.zeros(1, dtype=torch.float64, device=A0.device)}
+        return {
+            "C": C0,
+            "A": A0,
+            "B": B,
+            "vv": torch.zeros(1, dtype=torch.float64, device=A0.device),
+            "mu2": torch.full((1,), cfg.mu**2, dtype=torch.float64, device=A0.device),
+        }
 
-    def solve(self, layer: int, K: torch.Tensor, E: torch.Tensor, W: torch.Tensor) -> _Pending:
+    def anchor_mu2(self, layer: int) -> float:
+        """The anchor weight ``mu_t^2`` at ``layer`` (``mu^2`` unless a growing anchor raised it)."""
+        st = self.layer_state[layer]
+        return float(st["mu2"]) if "mu2" in st else self.config.mu**2
+
+    def _anchor_target(self, batch_index: int, n_after: int) -> float | None:
+        """The anchor weight a growing anchor sets at batch ``batch_index`` (``n_after`` edits applied with
+        it), or None when it is fixed or not due at this batch."""
+        cfg = self.config
+        if not cfg.anchor_ref or batch_index % cfg.anchor_every:
+            return None
+        return cfg.mu**2 * max(1.0, n_after / cfg.anchor_ref)
+
+    def _reanchor(
+        self, layer: int, st: dict[str, torch.Tensor], mu2_new: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(C, A, W)`` with the anchor re-weighed to ``mu2_new``: ``A' = A + (mu2_new - mu_t^2) Sigma``,
+        ``C' = A'^{-1}`` (fresh Cholesky) and the exact minimiser ``W' = W_0 + C' (B - G W_0)`` of the
+        re-weighed objective over the recorded batches, ``G = A - lam^2 I - mu_t^2 Sigma`` (float64)."""
+        import math
+
+        cfg = self.config
+        if "B" not in st:
+            raise EditError(
+                f"layer {layer}: a growing anchor needs the running sum B of the state, which this run "
+                "(saved before B existed) lacks"
+            )
+        A = st["A"]
+        dev = A.device
+        sigma = self.sigma_on_device(layer, keep=False).to(torch.float64)
+        mu2_old = self.anchor_mu2(layer)
+        G = A - anchor_matrix(sigma, cfg.lam, math.sqrt(mu2_old))
+        A_new = anchor_matrix(sigma, cfg.lam, math.sqrt(mu2_new)) + G
+        A_new = 0.5 * (A_new + A_new.T)
+        C_new = reinvert(A_new, cfg.dtype)
+        W0 = self.W0[layer].to(device=dev, dtype=torch.float64)
+        W_new = W0 + C_new.to(torch.float64) @ (st["B"] - G @ W0)
+        log.info("layer %d: anchor re-weighed, mu_t^2 %.4g -> %.4g", layer, mu2_old, mu2_new)
+        return C_new, A_new, W_new
+
+    def solve(
+        self,
+        layer: int,
+        K: torch.Tensor,
+        E: torch.Tensor,
+        W: torch.Tensor,
+        *,
+        K_prompt: torch.Tensor | None = None,
+    ) -> _Pending:
         """One RLS step for keys ``K (d_k, u)`` and residual share ``E (u, d_v)``.
 
         Runs on the device of the layer's state ``C`` (the layer's device), in ``C``'s dtype for ``C`` and
@@ -142,13 +207,21 @@ class RLSEditor(LocateThenEditEditor):
         K32 = K.to(device=dev, dtype=torch.float32)
         V32 = (K32.to(torch.float64).T @ W64 + E.to(dev)).to(torch.float32)
         K64, V64 = K32.to(torch.float64), V32.to(torch.float64)
-        C_next, W_next = rls_step(st["C"], W64, K64, V64, out=self._take_spare(layer, "C", st["C"]))
+        C_prev, A_prev, W_prev = st["C"], st["A"], W64
+        mu2 = self.anchor_mu2(layer)
+        target = self._anchor_target(len(self.batches), self.n_applied + K.shape[1])
+        if target is not None and target > mu2 * (1.0 + 1e-12):
+            C_prev, A_prev, W_prev = self._reanchor(layer, st, target)
+            mu2 = target
+        C_next, W_next = rls_step(C_prev, W_prev, K64, V64, out=self._take_spare(layer, "C", st["C"]))
         delta = W_next - W64
         A_out = self._take_spare(layer, "A", st["A"])
         A_next = (
-            torch.addmm(st["A"], K64, K64.T) if A_out is None else torch.addmm(st["A"], K64, K64.T, out=A_out)
+            torch.addmm(A_prev, K64, K64.T) if A_out is None else torch.addmm(A_prev, K64, K64.T, out=A_out)
         )
         state = {"C": C_next, "A": A_next}
+        if "mu2" in st or mu2 != self.config.mu**2:
+            state["mu2"] = torch.full((1,), mu2, dtype=torch.float64, device=dev)
         if "B" in st:  # running sums (absent in runs saved before they existed)
             state["B"] = torch.addmm(st["B"], K64, V64)
             state["vv"] = st["vv"] + (V64 * V64).sum()

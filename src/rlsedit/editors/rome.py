@@ -1,12 +1,12 @@
 """ROME (Meng et al., 2022): a rank-one update of one layer, one request at a time.
 
-For the single edited layer, a request's key ``k`` (``d_k``, averaged over context templates) and the
-optimised value ``v = W^T k + e`` (``d_v``; ``e`` the gap between the optimised and the current hidden
-state) give
+For the single edited layer, a request's key ``k`` (``d_k``, averaged over context templates), its bare
+prompt's key ``k_p`` and the residual ``e`` (``d_v``: the gap between the optimised and the current hidden
+state at the bare prompt) give, as the reference ``compute_v`` / ``apply_rome_to_model`` do,
 
-    Delta = (C^{-1} k) (v - W^T k)^T / (k^T C^{-1} k),     C^{-1} = (lam^2 I + mu^2 Sigma)^{-1}
+    Delta = (C^{-1} k) e^T / (k_p^T C^{-1} k),     C^{-1} = (lam^2 I + mu^2 Sigma)^{-1}
 
-so that ``k^T (W + Delta) = v`` exactly, with the smallest change in the ``Sigma``-weighted norm
+so that ``k_p^T (W + Delta) = W^T k_p + e`` exactly: the bare prompt's output moves onto the target
 (``lam`` is a small ridge that keeps ``C`` invertible; only the ratio ``lam / mu`` matters). A batch is
 applied request by request: each request's target and key are computed on the model as edited by the
 requests before it, all inside one all-or-nothing batch.
@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from rlsedit.editors.base import EditorConfig, LocateThenEditEditor, _Pending, register_editor
+from rlsedit.editors.base import EditError, EditorConfig, LocateThenEditEditor, _Pending, register_editor
 from rlsedit.linalg import initial_inverse, rome_rank_one
 
 __all__ = ["ROMEConfig", "ROMEEditor"]
@@ -76,8 +76,17 @@ class ROMEEditor(LocateThenEditEditor):
             )
         return cache[layer]
 
-    def solve(self, layer: int, K: torch.Tensor, E: torch.Tensor, W: torch.Tensor) -> _Pending:
-        """Rank-one ``Delta (d_k, d_v)`` for one key ``K (d_k, 1)`` and residual ``E (1, d_v)``.
+    def solve(
+        self,
+        layer: int,
+        K: torch.Tensor,
+        E: torch.Tensor,
+        W: torch.Tensor,
+        *,
+        K_prompt: torch.Tensor | None = None,
+    ) -> _Pending:
+        """Rank-one ``Delta (d_k, d_v)`` for one key ``K (d_k, 1)`` (its bare prompt's ``K_prompt``) and
+        residual ``E (1, d_v)``.
 
         Given several columns (``u > 1``), applies one rank-one update per column in turn, each on the
         weight left by the previous one. Float64 on the layer's device; no state, nothing recorded.
@@ -85,11 +94,15 @@ class ROMEEditor(LocateThenEditEditor):
         C_inv = self.key_metric(layer)
         dev = C_inv.device
         K64 = K.to(device=dev, dtype=torch.float64)
+        KP64 = K64 if K_prompt is None else K_prompt.to(device=dev, dtype=torch.float64)
         E64 = E.to(device=dev, dtype=torch.float64)
         W64 = W.to(device=dev, dtype=torch.float64)
         delta = torch.zeros_like(W64)
         for j in range(K64.shape[1]):
-            k = K64[:, j]
-            v = W64.T @ k + E64[j]  # the value the original weight must map k to
-            delta = delta + rome_rank_one(C_inv, W64 + delta, k, v)
+            kp = KP64[:, j]
+            v = W64.T @ kp + E64[j]  # the value the original weight must map the prompt's key to
+            try:
+                delta = delta + rome_rank_one(C_inv, W64 + delta, K64[:, j], v, k_prompt=kp)
+            except ValueError as exc:
+                raise EditError(f"rome layer {layer}: {exc}; the batch was rolled back") from exc
         return _Pending(delta=delta, state={}, record={})

@@ -7,7 +7,7 @@ For an edited layer with current weight ``W`` (``(d_k, d_v)``), base weight ``W_
 - ``fit_total``:      ``sum_s ||K_s^T W - V_s||_F^2`` over every active request;
 - ``dist_w0``:        ``||W - W_0||_F^2``;
 - ``anchor``:         ``tr((W - W_0)^T Sigma (W - W_0))`` (Sigma symmetrised, unweighted);
-- ``objective``:      ``J = fit_total + lam^2 dist_w0 + mu^2 anchor``, what RLSEdit minimises;
+- ``objective``:      ``J = fit_total + lam^2 dist_w0 + mu_t^2 anchor``, what RLSEdit minimises;
 - ``n_keys``:         the number of active requests (key columns) in ``fit_total``.
 
 ``fit_total`` comes from running sums, ``tr(W^T P W) - 2 tr(W^T B) + vv`` with ``P = sum K K^T = A_t - A_0``,
@@ -19,6 +19,7 @@ term directly from the records (the reference the tests compare with).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -52,11 +53,14 @@ def _common(editor: RLSEditor, layer: int, W: torch.Tensor) -> dict[str, float]:
     return out
 
 
-def _finish(editor: RLSEditor, terms: dict[str, float], fit_total: float, n_keys: int, source: str) -> dict:
+def _finish(
+    editor: RLSEditor, layer: int, terms: dict[str, float], fit_total: float, n_keys: int, source: str
+) -> dict:
     cfg = editor.config
     terms = dict(terms)
     terms["fit_total"] = fit_total
-    terms["objective"] = fit_total + cfg.lam**2 * terms["dist_w0"] + cfg.mu**2 * terms["anchor"]
+    mu2 = editor.anchor_mu2(layer)  # mu_t^2: mu^2 unless a growing anchor raised it
+    terms["objective"] = fit_total + cfg.lam**2 * terms["dist_w0"] + mu2 * terms["anchor"]
     terms["n_keys"] = n_keys
     terms["source"] = source
     return terms
@@ -84,7 +88,7 @@ def objective_terms_from_records(editor: RLSEditor) -> dict[int, dict[str, Any]]
             V = rec["V"][cols].to(device=dev, dtype=torch.float64)
             fit_total += float(((K.T @ W - V) ** 2).sum())
             n += len(cols)
-        out[layer] = _finish(editor, _common(editor, layer, W), fit_total, n, "records")
+        out[layer] = _finish(editor, layer, _common(editor, layer, W), fit_total, n, "records")
     return out
 
 
@@ -107,7 +111,9 @@ def objective_terms(editor: RLSEditor) -> dict[int, dict[str, Any]]:
         st = editor.layer_state[layer]
         dev = st["A"].device
         W = _weight(editor, layer, dev)
-        P = st["A"] - anchor_matrix(editor.sigmas[layer].to(dev), cfg.lam, cfg.mu)
+        P = st["A"] - anchor_matrix(
+            editor.sigmas[layer].to(dev), cfg.lam, math.sqrt(editor.anchor_mu2(layer))
+        )
         fit_total = float((W * (P @ W)).sum() - 2.0 * (W * st["B"]).sum() + st["vv"])
-        out[layer] = _finish(editor, _common(editor, layer, W), fit_total, n_keys, "running sums")
+        out[layer] = _finish(editor, layer, _common(editor, layer, W), fit_total, n_keys, "running sums")
     return out

@@ -1,7 +1,9 @@
 """Keys and hidden states at the subject's last token.
 
 ``compute_keys`` returns the input of an MLP output projection (the edited matrix's keys) at each
-request's subject's last token, averaged over context templates. ``compute_hidden`` returns a module's
+request's subject's last token, averaged over context templates: by default as MEMIT, AlphaEdit and the
+RLSEdit release do (``compute_ks``: the mean per context *type*), 1/2 the bare prompt's key and 1/2 the
+mean of the generated contexts' keys (``key_weights``). ``compute_hidden`` returns a module's
 output (e.g. a block's hidden state) at the subject's last token of the bare prompts. Both run the
 forward only up to the module they read (the rest of the model is skipped).
 """
@@ -18,7 +20,28 @@ from rlsedit.locate.tokens import encode_prompts
 from rlsedit.models.arch import input_device
 from rlsedit.requests import EditRequest
 
-__all__ = ["compute_keys", "compute_hidden", "read_at_subject"]
+__all__ = ["KEY_WEIGHTINGS", "compute_keys", "compute_hidden", "key_weights", "read_at_subject"]
+
+#: How keys are averaged over the context templates: "reference" (1/2 the bare prompt, 1/2 the mean of the
+#: generated contexts: MEMIT / AlphaEdit / RLSEdit's ``compute_ks``) or "uniform" (every template alike).
+KEY_WEIGHTINGS = ("reference", "uniform")
+
+
+def key_weights(n_contexts: int, weighting: str = "reference") -> torch.Tensor:
+    """Weights ``(n_contexts,)`` (summing to 1) of the context templates in a key average.
+
+    The first template is the bare prompt (``""``). "reference": 1/2 for it and ``1/(2 (n - 1))`` for each
+    generated one (a lone bare prompt weighs 1); "uniform": ``1/n`` each.
+    """
+    if weighting not in KEY_WEIGHTINGS:
+        raise ValueError(f"key weighting must be one of {KEY_WEIGHTINGS}, got {weighting!r}")
+    if n_contexts < 1:
+        raise ValueError(f"at least one context template is needed, got {n_contexts}")
+    if weighting == "uniform" or n_contexts == 1:
+        return torch.full((n_contexts,), 1.0 / n_contexts)
+    w = torch.full((n_contexts,), 0.5 / (n_contexts - 1))
+    w[0] = 0.5
+    return w
 
 
 @torch.no_grad()
@@ -70,17 +93,27 @@ def compute_keys(
     module_name: str,
     contexts: Sequence[str] = ("",),
     chunk_size: int = 64,
-) -> torch.Tensor:
+    weighting: str = "reference",
+    with_prompt: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Keys of the edited projection ``module_name``: its input at the subject's last token, averaged
-    over ``contexts``.
+    over ``contexts`` with :func:`key_weights` (``contexts[0]`` must be the bare prompt ``""`` when there
+    are several and ``weighting`` is "reference").
 
     Returns:
-        ``K`` of shape ``(d_k, u)``: one column per request (float32).
+        ``K`` of shape ``(d_k, u)``: one column per request (float32); with ``with_prompt``, also the
+        bare prompt's keys ``(d_k, u)`` (ROME's residual and denominator use them).
     """
+    if weighting == "reference" and len(contexts) > 1 and contexts[0] != "":
+        raise ValueError('the reference key weighting needs contexts[0] == "" (the bare prompt)')
     vals = read_at_subject(
         model, tokenizer, requests, module_name, contexts, read_input=True, chunk_size=chunk_size
     )
-    return vals.mean(1).T.contiguous()
+    w = key_weights(len(contexts), weighting).to(device=vals.device, dtype=vals.dtype)
+    K = torch.einsum("ucd,c->du", vals, w).contiguous()
+    if with_prompt:
+        return K, vals[:, 0].T.contiguous()
+    return K
 
 
 def compute_hidden(

@@ -1,18 +1,23 @@
 """Target hidden states: the vector each request's subject should produce at the last edited layer.
 
 For every request ``i`` a delta ``d_i`` (``d_model``) is added to the output of the last edited layer's
-MLP at the subject's last token, in every context template. ``d_i`` is optimised (Adam) to minimise
+MLP at the subject's last token, in every context template. ``d_i`` is optimised (Adam) to minimise, as
+MEMIT's ``compute_z`` does (the defaults),
 
     NLL(target_new | template + prompt)  averaged over templates and target tokens
-    + kl_factor * KL(p_0 || p_delta) on "{subject} is a" (the next-token distribution stays put)
-    + weight_decay * ||d_i||^2 / ||h_i||^2
+    + kl_factor * KL(p_delta || p_0) of the next token after the subject in "{subject} is a"
+    + weight_decay * ||d_i|| / ||h_i||^2
 
 with ``||d_i|| <= clamp_norm_factor * ||h_i||`` after every step, where ``h_i`` is the layer's hidden state
-(block output) at the subject's last token of the bare prompt. The target is ``z_i = h_i + d_i``.
+(block output) at the subject's last token of the bare prompt. The target is ``z_i = h_i + d_i``. A request
+stops once its total loss (the three terms) is below ``stop_nll`` (MEMIT: ``loss < 5e-2``). Named options
+keep this project's earlier forms: ``kl_form="after_prompt"`` (KL(p_0 || p_delta) of the token after
+"{subject} is a"), ``weight_decay_form="squared"`` (``||d_i||^2 / ||h_i||^2``), ``stop_on="nll"`` (stop on
+the NLL alone).
 
 All requests of a batch are optimised together (one padded batch, gradients accumulated over chunks);
-a request whose NLL falls below ``stop_nll`` is frozen and leaves the batch, so later steps only run the
-requests still learning.
+a request whose stopping measure falls below ``stop_nll`` is frozen and leaves the batch, so later steps
+only run the requests still learning.
 
 Fast path (``TargetConfig.fast``, the default): every token before a row's subject's last token is
 independent of ``d_i`` at every layer, so the key/value cache of those prefix tokens is computed once,
@@ -67,6 +72,13 @@ class TargetConfig:
     #: on the fast path, also skip blocks up to the edited one for the suffix tokens (self-checked; off
     #: where the delta does not add to the block's output)
     skip_layers: bool = True
+    #: "reference" (MEMIT): KL(p || p_0) at the subject's last token of ``kl_prompt``; "after_prompt":
+    #: KL(p_0 || p) at its last token
+    kl_form: str = "reference"
+    #: "norm" (MEMIT): ``weight_decay * ||d|| / ||h||^2``; "squared": ``weight_decay * ||d||^2 / ||h||^2``
+    weight_decay_form: str = "norm"
+    #: what must fall below ``stop_nll`` for a request to stop: "loss" (MEMIT: NLL + KL + decay) or "nll"
+    stop_on: str = "loss"
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.steps < 1 or self.chunk_rows < 1:
@@ -75,6 +87,13 @@ class TargetConfig:
             raise ValueError("kl_factor, weight_decay, stop_nll must be >= 0 and clamp_norm_factor > 0")
         if self.kl_prompt.count("{}") != 1:
             raise ValueError("kl_prompt must hold exactly one '{}' for the subject")
+        for name, allowed in (
+            ("kl_form", ("reference", "after_prompt")),
+            ("weight_decay_form", ("norm", "squared")),
+            ("stop_on", ("loss", "nll")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -88,6 +107,9 @@ class TargetResult:
         nll_final: ``(u,)`` the NLL at the last evaluated step.
         steps: ``(u,)`` optimisation steps taken per request.
         seconds: wall time.
+        v0: ``(u, d_model)`` the layer's MLP output at the same tokens before optimisation (``h0`` less
+            the residual stream it adds to), where known (static stores keep it; norm-anchored targets
+            rescale ``v0 + z - h0``).
     """
 
     z: torch.Tensor
@@ -97,6 +119,7 @@ class TargetResult:
     steps: torch.Tensor
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    v0: torch.Tensor | None = None
 
 
 @contextmanager
@@ -136,7 +159,11 @@ class _Row:
 
 
 def _build_rows(
-    tokenizer, requests: Sequence[EditRequest], contexts: Sequence[str], kl_prompt: str
+    tokenizer,
+    requests: Sequence[EditRequest],
+    contexts: Sequence[str],
+    kl_prompt: str,
+    kl_at_subject: bool = True,
 ) -> list[list[_Row]]:
     per_req: list[list[_Row]] = []
     for i, req in enumerate(requests):
@@ -151,7 +178,10 @@ def _build_rows(
         pre, post = kl_prompt.split("{}", 1)
         kl_text = pre + req.subject + post
         ids, last = encode_text_upto(tokenizer, kl_text, len(pre) + len(req.subject))
-        rows.append(_Row(ids, last, i, "kl", [len(ids) - 1], []))
+        if kl_at_subject:  # the distribution after the subject: later tokens cannot change it
+            rows.append(_Row(ids[: last + 1], last, i, "kl", [last], []))
+        else:
+            rows.append(_Row(ids, last, i, "kl", [len(ids) - 1], []))
         per_req.append(rows)
     return per_req
 
@@ -663,16 +693,19 @@ def _chunk_loss(
     chunk: Sequence[int],
     n_ctx: int,
     kl_init: list[torch.Tensor | None],
-    kl_factor: float,
-) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """The KL part of a chunk's loss and each request's NLL (averaged over its contexts).
+    kl_reverse: bool = True,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Each request's KL term and NLL (averaged over its contexts).
 
     The LM head runs only on the positions that predict a target token (NLL rows) or the next token (KL
     rows), ``(n_sel, vocab)``; every term is then taken with one gather per kind, so the backward writes
     the ``(n_sel, vocab)`` gradient once rather than once per row (a per-row slice would zero-fill it per
     row). ``kl_init[i]`` is set to request ``i``'s unedited log-distribution on first use.
 
-    Returns ``(kl_factor * sum of the KL terms, {request: NLL})``, scalars on the logits' device.
+    ``kl_reverse``: KL(p || p_0) (MEMIT's ``kl_div(init, cur)``); otherwise KL(p_0 || p).
+
+    Returns ``({request: KL}, {request: NLL})`` (requests without a KL row have none), scalars on the
+    logits' device.
     """
     sel_rows: list[int] = []
     sel_pos: list[int] = []
@@ -710,16 +743,20 @@ def _chunk_loss(
         0, torch.tensor(nll_slot, device=dev), -picked * torch.tensor(nll_w, device=dev, dtype=logp.dtype)
     )
     nll_sum = {i: per_slot[j] for j, i in enumerate(chunk)}
-    loss = logp.new_zeros(())
+    kl_of: dict[int, torch.Tensor] = {}
     if kl_at:
         lp_kl = logp[torch.tensor(kl_at, device=dev)]  # (n_kl, vocab)
         for k, i in enumerate(kl_req):
             if kl_init[i] is None:
                 kl_init[i] = lp_kl[k].detach()
         ref = torch.stack([kl_init[i] for i in kl_req]).to(dev)
-        kl = F.kl_div(lp_kl, ref, log_target=True, reduction="sum")
-        loss = loss + kl_factor * kl
-    return loss, nll_sum
+        if kl_reverse:  # sum_v p (log p - log p_0)
+            kl = F.kl_div(ref, lp_kl, log_target=True, reduction="none").sum(-1)
+        else:  # sum_v p_0 (log p_0 - log p)
+            kl = F.kl_div(lp_kl, ref, log_target=True, reduction="none").sum(-1)
+        for k, i in enumerate(kl_req):
+            kl_of[i] = kl_of[i] + kl[k] if i in kl_of else kl[k]
+    return kl_of, nll_sum
 
 
 def compute_targets(
@@ -756,7 +793,9 @@ def compute_targets(
     u = len(requests)
     if not contexts or contexts[0] != "":
         raise ValueError('contexts must start with "" (the bare prompt)')
-    per_req = _build_rows(tokenizer, requests, contexts, cfg.kl_prompt)
+    per_req = _build_rows(
+        tokenizer, requests, contexts, cfg.kl_prompt, kl_at_subject=cfg.kl_form == "reference"
+    )
     rows_per_req = len(per_req[0])
     req_per_chunk = max(1, cfg.chunk_rows // rows_per_req)
     all_rows = [r for rows in per_req for r in rows]  # request i owns rows i*rows_per_req ... (i+1)*... - 1
@@ -793,16 +832,27 @@ def compute_targets(
                     for k in range(0, len(rows), rows_per_req):
                         h0[rows[k].req] = out.block[k, rows[k].subject_last - out.start[k]].float().to(device)
                 # Gather the needed positions, then the LM head on those only.
-                loss, nll_sum = _chunk_loss(model, rows, out, chunk, n_ctx, kl_init, cfg.kl_factor)
+                kl_of, nll_sum = _chunk_loss(
+                    model, rows, out, chunk, n_ctx, kl_init, kl_reverse=cfg.kl_form == "reference"
+                )
+                loss = nll_sum[chunk[0]].new_zeros(())
                 learning = False
                 for i in chunk:
                     nll = float(nll_sum[i].detach())
                     nll_last[i] = nll
                     if step == 0:
                         nll_init[i] = nll
-                    wd = cfg.weight_decay * delta[i].pow(2).sum() / h0[i].pow(2).sum().clamp_min(1e-12)
-                    loss = loss + nll_sum[i] + wd.to(loss.device)
-                    if nll >= cfg.stop_nll and step < cfg.steps:
+                    h2 = h0[i].pow(2).sum().clamp_min(1e-12)
+                    if cfg.weight_decay_form == "norm":
+                        wd = cfg.weight_decay * delta[i].norm() / h2
+                    else:
+                        wd = cfg.weight_decay * delta[i].pow(2).sum() / h2
+                    total = nll_sum[i] + wd.to(loss.device)
+                    if i in kl_of:
+                        total = total + cfg.kl_factor * kl_of[i]
+                    loss = loss + total
+                    measure = nll if cfg.stop_on == "nll" else float(total.detach())
+                    if measure >= cfg.stop_nll and step < cfg.steps:
                         still.append(i)
                         learning = True
                 if learning:

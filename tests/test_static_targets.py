@@ -1,0 +1,209 @@
+"""Static targets: `rlsedit targets` keeps each request's target optimised once on the unedited model, and
+`rlsedit run --static-targets` reads them instead of optimising per batch; a store that does not fit the
+run is refused before anything is written, naming what differs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlsedit import cli, make_editor
+from rlsedit.datasets import load_counterfact
+from rlsedit.experiment import ExperimentSpec, run_experiment
+from rlsedit.locate import compute_hidden
+from rlsedit.locate import targets as targets_mod
+from rlsedit.locate.provider import StaticTargetStore, TargetProvider, fill_static_targets
+from rlsedit.locate.targets import compute_targets
+from rlsedit.models.arch import mlp_out_name
+from rlsedit.models.load import model_fingerprint
+from tiny_models import tiny_model
+
+SETTINGS = {"layers": [2, 3], "n_templates": 1, "steps": 2, "stats_samples": 16, "stats_max_len": 32}
+SET_ARGS = [a for k, v in SETTINGS.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    model, tok = tiny_model("llama", seed=3)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def store_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Targets of tune cases 0-5 in two calls side by side in one folder (0-3 and 4-5), pieces of 2."""
+    out = tmp_path_factory.mktemp("static") / "targets"
+    base = ["targets", "--model", str(model_dir), "--split", "tune", "--piece", "2", "--out", str(out)]
+    assert cli.main([*base, "--edits", "4", *SET_ARGS]) == 0
+    assert cli.main([*base, "--edits", "2", "--offset", "4", *SET_ARGS]) == 0
+    return out
+
+
+def _editor(model_dir: Path, **overrides):
+    from rlsedit.models.load import load_model
+
+    model, tok = load_model(str(model_dir))
+    return make_editor("rlsedit", model, tok, **{**SETTINGS, **overrides})
+
+
+def test_store_holds_what_compute_targets_gives(store_dir: Path, model_dir: Path) -> None:
+    store = StaticTargetStore(store_dir)
+    assert [(a, b) for a, b, _ in store.pieces()] == [(0, 2), (2, 4), (4, 6)]
+    assert store.done() == set(range(6))
+    ed = _editor(model_dir)
+    assert store.meta["settings"] == ed.target_settings()
+    assert store.meta["model"]["fingerprint"] == model_fingerprint(ed.model)
+    reqs = [c.request for c in load_counterfact(split="tune", limit=6)]
+    got = store.read(reqs[2:4])
+    ref = compute_targets(ed.model, ed.tokenizer, reqs[2:4], 3, ed.templates, ed.config.targets)
+    torch.testing.assert_close(got.z, ref.z)
+    torch.testing.assert_close(got.h0, ref.h0)
+    v0 = compute_hidden(ed.model, ed.tokenizer, reqs[2:4], mlp_out_name(ed.model, 3))
+    torch.testing.assert_close(got.v0, v0)
+    assert float((got.h0 - got.v0).norm()) > 1e-3  # the residual stream the MLP output adds to
+    assert torch.equal(got.steps, ref.steps)
+    # in any order, across pieces
+    both = store.read([reqs[5], reqs[0]])
+    torch.testing.assert_close(both.z, torch.cat([store.read(reqs[5:6]).z, store.read(reqs[:1]).z]))
+
+
+def test_a_second_call_computes_nothing(store_dir: Path, model_dir: Path, monkeypatch) -> None:
+    store = StaticTargetStore(store_dir)
+    ed = _editor(model_dir)
+    reqs = [c.request for c in load_counterfact(split="tune", limit=6)]
+
+    def boom(*a, **k):
+        raise AssertionError("optimised again")
+
+    monkeypatch.setattr("rlsedit.locate.provider.compute_targets", boom)
+    res = fill_static_targets(
+        store, ed.model, ed.tokenizer, reqs, range(6), 3, ed.templates, ed.config.targets, 2, False
+    )
+    assert res == {"computed": 0, "skipped": 6, "seconds": 0.0}
+
+
+def test_editor_reads_static_targets_without_optimising(
+    store_dir: Path, model_dir: Path, monkeypatch
+) -> None:
+    ed = _editor(model_dir)
+    ed.use_targets(TargetProvider(static=store_dir))
+    assert ed.targets_provider.protocol == "static"
+    reqs = [c.request for c in load_counterfact(split="tune", limit=6)]
+
+    def boom(*a, **k):
+        raise AssertionError("optimised")
+
+    monkeypatch.setattr("rlsedit.locate.provider.compute_targets", boom)
+    monkeypatch.setattr(targets_mod, "compute_targets", boom)
+    report = ed.edit(reqs[:3]).batches[0]
+    assert report.targets_cached and report.target_nll_final >= 0
+    assert report.residual_after < report.residual_before
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"layers": [1, 2]}, "last edited layer (store 3, editor 2)"),
+        ({"kl_factor": 0.5}, "target setting kl_factor"),
+        ({"weight_decay_form": "squared"}, "target setting weight_decay_form"),
+        ({"n_templates": 2}, "context templates"),
+    ],
+)
+def test_a_store_of_other_settings_is_refused(
+    store_dir: Path, model_dir: Path, overrides, named: str
+) -> None:
+    ed = _editor(model_dir, **overrides)
+    with pytest.raises(ValueError, match="do not fit") as err:
+        ed.use_targets(TargetProvider(static=store_dir))
+    assert named in str(err.value)
+    # the runtime knobs (how, not what) do not matter
+    _editor(model_dir, chunk_rows=7, fast=False).use_targets(TargetProvider(static=store_dir))
+
+
+def test_another_model_and_missing_requests_are_refused(
+    store_dir: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other"
+    model, tok = tiny_model("llama", seed=4)
+    model.save_pretrained(other)
+    tok.save_pretrained(other)
+    ed = _editor(other)
+    with pytest.raises(ValueError, match="the model") as err:
+        ed.use_targets(TargetProvider(static=store_dir))
+    assert "fingerprint" in str(err.value)
+    store = StaticTargetStore(store_dir)
+    reqs = [c.request for c in load_counterfact(split="tune", limit=8)]
+    with pytest.raises(ValueError, match="2 of the 8 requests have no target"):
+        store.check(_editor(model_dir).model, store.meta["settings"], reqs)
+    store.check(_editor(model_dir).model, store.meta["settings"], reqs[:6])
+
+
+def test_static_run_refuses_a_stream_beyond_the_store_before_writing(
+    store_dir: Path, model_dir: Path, tmp_path
+) -> None:
+    out = tmp_path / "run"
+    spec = ExperimentSpec(
+        model=str(model_dir),
+        split="tune",
+        edits=8,
+        batch_size=3,
+        overrides=dict(SETTINGS),
+        fluency=0,
+        targets="static",
+    )
+    with pytest.raises(ValueError, match="2 of the 8 requests have no target"):
+        run_experiment(spec, out, static_targets=store_dir)
+    assert not out.exists()
+    with pytest.raises(ValueError, match="static-target run needs"):
+        run_experiment(
+            ExperimentSpec(
+                model=str(model_dir), split="tune", edits=3, overrides=dict(SETTINGS), targets="static"
+            ),
+            out,
+        )
+    with pytest.raises(ValueError, match="targets must be one of"):
+        ExperimentSpec(targets="frozen")
+
+
+def test_static_run_end_to_end(store_dir: Path, model_dir: Path, tmp_path: Path) -> None:
+    """`rlsedit run --static-targets`: the spec and results say "static"; its batches apply the stored
+    targets (each batch's residual is measured against them); a dynamic run of the same stream differs from
+    the second batch on (its targets are optimised on the edited model)."""
+    out = tmp_path / "static-run"
+    argv = [
+        "run",
+        "--model",
+        str(model_dir),
+        "--split",
+        "tune",
+        "--edits",
+        "6",
+        "--batch-size",
+        "3",
+        "--fluency",
+        "0",
+    ]
+    assert cli.main([*argv, "--static-targets", str(store_dir), "--out", str(out), *SET_ARGS]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["spec"]["targets"] == "static"
+    batches = json.loads((out / "batches.json").read_text())
+    assert all(b["targets_cached"] for b in batches)
+    assert all(b["timings"]["targets"] < 1.0 for b in batches)
+    dyn = tmp_path / "dynamic-run"
+    assert cli.main([*argv, "--out", str(dyn), *SET_ARGS]) == 0
+    dres = json.loads((dyn / "results.json").read_text())
+    assert dres["spec"]["targets"] == "dynamic"
+    dbatches = json.loads((dyn / "batches.json").read_text())
+    # the first batch sees the unedited model in both protocols: the same targets
+    assert batches[0]["target_nll_final"] == pytest.approx(dbatches[0]["target_nll_final"], rel=1e-4)
+    # the second batch: the static run's are the stored ones (the unedited model's), the dynamic run's not
+    stored = StaticTargetStore(store_dir).read(
+        [c.request for c in load_counterfact(split="tune", limit=6)][3:]
+    )
+    assert batches[1]["target_nll_init"] == pytest.approx(float(stored.nll_init.mean()), rel=1e-6)
+    assert abs(dbatches[1]["target_nll_init"] - batches[1]["target_nll_init"]) > 1e-4
