@@ -1,39 +1,50 @@
-"""Hyper-parameter sweep of a closed-form editor on the CounterFact *tuning* split, one batch.
+"""Hyper-parameter sweeps of the closed-form editors, on cases apart from the reported streams.
 
-Target optimisation is ~all of an edit's cost and, for the first batch, depends only on the unedited
-model, the last edited layer and the target settings. So the targets of one batch are optimised once (and
-cached in OUT/targets-L<layer>.safetensors), and every configuration of the grid that shares the last
-edited layer reuses them: only keys, the solve and scoring run per configuration. The unedited weights
-are restored between configurations. This measures one batch; the chosen configuration is then checked
-sequentially (several batches) with ``rlsedit run`` on the held-out split.
+Target optimisation is ~all of an edit's cost and, on the unedited model, depends only on the request,
+the last edited layer and the target settings. So the targets are optimised once into a static target
+store (``rlsedit targets``) and every configuration that shares the last edited layer reads them: only
+keys, the solve and scoring run per configuration.
+
+**One batch** (the default): ``--edits`` tune cases edited in one batch per configuration (the unedited
+weights restored between configurations); the targets are kept in OUT/targets-L<layer>/.
 
     python experiments/sweep.py --out /tmp/sweep --edits 100 \\
         --grid 'mu=[10,31.6,100]' --grid 'layers=[[7],[5,6,7],[3,4,5,6,7]]'
 
 Writes OUT/sweep.json (every row) and OUT/SWEEP.md (a table, the command).
+
+**Streams** (``--stream``): every configuration is a static-target ``rlsedit run`` of the *sweep* split
+(CounterFact test positions 10,000-18,999, then the tune split: apart from the reported streams of test
+positions 0-9,999), with checkpoints scoring ``--checkpoint-cases`` edited cases and WikiText-2 perplexity,
+in OUT/runs/<method>-<settings>/ (each resumable). ``--stop-after`` ends a point there (no final scoring:
+a coarse point); a later call with a larger one carries it on. ``--shard i/n`` runs every n-th point, so
+two processes (one thread each) can share a grid. The report of all points (frontier table and figure) is
+written to OUT/report/ by every call.
+
+    OMP_NUM_THREADS=1 python experiments/sweep.py --stream --static-targets /work/runs/static/sweep-L7 \\
+        --out /work/runs/frontier --stop-after 5000 --grid 'lam=[1,10,30]' --grid 'mu=[31.6,100,316]'
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import logging
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 
 from rlsedit.datasets import load_counterfact
-from rlsedit.editors import base as editor_base
 from rlsedit.editors import make_editor
 from rlsedit.eval.counterfact import score_counterfact, summarize_counterfact
-from rlsedit.locate.targets import TargetResult
+from rlsedit.locate.provider import StaticTargetStore, TargetProvider, fill_static_targets, target_settings
 from rlsedit.models.arch import get_module, mlp_out_name, weight_kv
-from rlsedit.models.load import load_model
-from rlsedit.store import load_json, load_tensors, save_json, save_tensors
+from rlsedit.models.load import load_model, model_fingerprint
+from rlsedit.store import load_json, save_json
 
 log = logging.getLogger("sweep")
 
@@ -47,19 +58,72 @@ def _grid(items: list[str]) -> list[dict]:
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--method", default="rlsedit")
-    p.add_argument("--edits", type=int, default=100)
-    p.add_argument("--out", required=True)
-    p.add_argument("--grid", action="append", default=[], help="KEY=JSON list of values")
-    p.add_argument("--set", action="append", default=[], help="KEY=JSON fixed override")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+def point_name(method: str, cfg: dict) -> str:
+    """A run folder's name for a grid point: the method and its settings, e.g. ``rlsedit-lam1-mu100``."""
+    parts = [method]
+    for k in sorted(cfg):
+        v = cfg[k]
+        if isinstance(v, list):
+            v = "-".join(str(x) for x in v)
+        elif isinstance(v, bool):
+            v = "on" if v else "off"
+        parts.append(f"{k.replace('_', '')}{v}")
+    return "-".join(parts).replace("/", "_")
+
+
+def stream_main(args: argparse.Namespace, fixed: dict) -> int:
+    from rlsedit.experiment import ExperimentSpec, run_experiment
+    from rlsedit.report import write_report
+
+    out = Path(args.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    shard, n_shards = (int(x) for x in args.shard.split("/"))
+    grid = _grid(args.grid) if args.grid else [{}]
+    capability = {"tasks": [], "perplexity": True}
+    for k, point in enumerate(grid):
+        if k % n_shards != shard:
+            continue
+        cfg = {**fixed, **point}
+        # named by the grid's settings (the fixed ones are in every point's spec.json)
+        name = point_name(args.method, point)
+        spec = ExperimentSpec(
+            model=args.model,
+            method=args.method,
+            split="sweep",
+            edits=args.edits,
+            batch_size=args.batch_size,
+            eval_every=args.eval_every,
+            overrides=cfg,
+            fluency=0,
+            capability=capability,
+            checkpoint_cases=args.checkpoint_cases,
+            retention=[100, 1000],
+            targets="static" if args.static_targets else "dynamic",
+        )
+        log.info("point %d of %d: %s", k + 1, len(grid), name)
+        t0 = time.perf_counter()
+        run_experiment(
+            spec,
+            out / "runs" / name,
+            stats_dir=args.stats,
+            command="python experiments/sweep.py " + " ".join(sys.argv[1:]),
+            static_targets=args.static_targets,
+            pre_cache=out / "pre-cache",
+            stop_after=args.stop_after,
+        )
+        log.info("point %s: %.0f s", name, time.perf_counter() - t0)
+    runs = sorted(p for p in (out / "runs").iterdir() if (p / "spec.json").exists())
+    keys = sorted({k for point in grid for k in point}) or sorted(fixed)
+    done = [r for r in runs if (r / "checkpoints").is_dir() and any((r / "checkpoints").iterdir())]
+    if done:
+        path = write_report(done, out / "report", label_keys=keys, partial=True)
+        log.info("report: %s", path)
+    return 0
+
+
+def batch_main(args: argparse.Namespace, fixed: dict) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fixed = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     model, tok = load_model(args.model)
     cases = load_counterfact(split="tune", limit=args.edits)
     reqs = [c.request for c in cases]
@@ -79,29 +143,35 @@ def main(argv: list[str] | None = None) -> int:
             continue
         editor = make_editor(args.method, model, tok, **cfg)
         last = editor.config.layers[-1]
-        tpath = out / f"targets-L{last}.safetensors"
-        cached: dict[str, torch.Tensor] | None = load_tensors(tpath) if tpath.exists() else None
-        real = editor_base.compute_targets
-
-        def targets(model_, tok_, reqs_, layer, templates, tcfg, _last=last, _path=tpath, _real=real):
-            nonlocal cached
-            assert layer == _last and len(reqs_) == len(reqs)
-            if cached is None:
-                r = _real(model_, tok_, reqs_, layer, templates, tcfg)
-                cached = {"z": r.z, "h0": r.h0, "nll_init": r.nll_init, "nll_final": r.nll_final}
-                cached["steps"] = r.steps
-                cached["seconds"] = torch.tensor(r.seconds)
-                save_tensors(_path, cached)
-            c = cached
-            return TargetResult(
-                c["z"], c["h0"], c["nll_init"], c["nll_final"], c["steps"], float(c["seconds"])
-            )
-
+        settings = target_settings(last, editor.templates, editor.config.targets)
+        meta = {
+            "model": {"name": args.model, "fingerprint": model_fingerprint(model)},
+            "settings": settings,
+            "dataset": "counterfact",
+            "split": "tune",
+        }
+        # one store per last layer and target settings
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+        tag = f"targets-L{last}-{digest}"
+        store = StaticTargetStore.create(out / tag, meta)
+        t_targets = time.perf_counter()
+        fill_static_targets(
+            store,
+            model,
+            tok,
+            reqs,
+            range(len(reqs)),
+            last,
+            editor.templates,
+            editor.config.targets,
+            len(reqs),
+        )
+        t_targets = time.perf_counter() - t_targets
+        editor.use_targets(TargetProvider(static=store))
         names = {layer: mlp_out_name(model, layer) for layer in editor.config.layers}
         saved = {n: weight_kv(get_module(model, n)).detach().clone() for n in names.values()}
         t0 = time.perf_counter()
-        with mock.patch.object(editor_base, "compute_targets", targets):
-            report = editor.edit(reqs)
+        report = editor.edit(reqs)
         t_edit = time.perf_counter() - t0
         post = summarize_counterfact(score_counterfact(model, tok, cases))
         for n, w in saved.items():
@@ -114,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             "residual_before": b.residual_before,
             "residual_after": b.residual_after,
             "seconds_without_targets": t_edit,
-            "target_seconds": float(cached["seconds"]) if cached else None,
+            "target_seconds": t_targets,
         }
         rows.append(row)
         save_json(rows_path, rows)
@@ -143,6 +213,32 @@ def main(argv: list[str] | None = None) -> int:
     (out / "SWEEP.md").write_text(text, encoding="utf-8")
     sys.stdout.write(text)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--method", default="rlsedit")
+    p.add_argument("--edits", type=int, default=None, help="one batch: 100; streams: 10000")
+    p.add_argument("--out", required=True)
+    p.add_argument("--grid", action="append", default=[], help="KEY=JSON list of values")
+    p.add_argument("--set", action="append", default=[], help="KEY=JSON fixed override")
+    p.add_argument("--stream", action="store_true", help="one static-target stream per point (see above)")
+    p.add_argument("--static-targets", default=None, help="streams: the sweep split's target store")
+    p.add_argument("--stop-after", type=int, default=None, help="streams: stop each point at N edits")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=1000)
+    p.add_argument("--checkpoint-cases", type=int, default=200)
+    p.add_argument("--stats", default=None, help="statistics folder")
+    p.add_argument("--shard", default="0/1", help="i/n: run every n-th point from the i-th")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    fixed = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    if args.stream:
+        args.edits = args.edits or 10000
+        return stream_main(args, fixed)
+    args.edits = args.edits or 100
+    return batch_main(args, fixed)
 
 
 if __name__ == "__main__":

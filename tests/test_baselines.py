@@ -401,3 +401,42 @@ def test_norm_anchor_is_measured_once_and_applied_by_every_closed_form_editor() 
         assert e.edit(batch).batches[0].n_requests == 2
     with pytest.raises(ValueError, match="norm_anchor_ref"):
         editor_on_tiny("memit", [2], norm_anchor_ref=-1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# EvoEdit
+
+
+def test_evoedit_solve_follows_the_reference() -> None:
+    """Reference (the RLSEdit release's ``EvoEdit_main.py``): ``Y = P K``, ``S0 = K^T Y``,
+    ``upd = resid (S0 + L2 I)^{-1} Y^T`` (their orientation), then ``P <- P - Q Q^T`` with ``Q`` the left
+    singular vectors of ``P K`` above the rounding threshold; a batch with ``||P K|| < 1e-3`` is skipped."""
+    alpha = 0.5
+    probe = editor_on_tiny("evoedit", [2], alpha=alpha)
+    evals, evecs = torch.linalg.eigh(probe.sigmas[2])
+    mid = float(evals[D_K // 2 - 1] + evals[D_K // 2]) / 2
+    ed = editor_on_tiny("evoedit", [2], alpha=alpha, nullspace_threshold=mid)
+    U = evecs[:, evals < mid]
+    P = U @ U.T
+    torch.testing.assert_close(ed.layer_state[2]["P"], P, atol=1e-10, rtol=0)
+    K1, E1 = random_problem(1)
+    p1 = ed.solve(2, K1, E1, weight(ed, 2))
+    Y = P @ K1
+    ref = Y @ torch.linalg.solve(K1.T @ Y + alpha * torch.eye(K1.shape[1], dtype=torch.float64), E1)
+    torch.testing.assert_close(p1.delta, ref, rtol=1e-8, atol=1e-10)
+    # the same as (P K K^T + alpha I)^{-1} P K E (the Woodbury identity)
+    eye = torch.eye(D_K, dtype=torch.float64)
+    torch.testing.assert_close(p1.delta, torch.linalg.solve(P @ K1 @ K1.T + alpha * eye, P @ K1 @ E1))
+    # the projector loses exactly the batch's projected key directions
+    Q = torch.linalg.svd(Y, full_matrices=False).U
+    torch.testing.assert_close(p1.state["P"], P - Q @ Q.T, atol=1e-10, rtol=0)
+    assert float((p1.state["P"] @ Y).abs().max()) < 1e-9
+    # a later batch acts only where the earlier one's directions are gone
+    ed.layer_state[2] = p1.state
+    K2, E2 = random_problem(2)
+    p2 = ed.solve(2, K2, E2, weight(ed, 2))
+    assert float((Y.T @ p2.delta).abs().max()) < 1e-8
+    # keys with no component in the projector's range: skipped, the layer and its state unchanged
+    K3 = (eye - p1.state["P"]) @ K2
+    p3 = ed.solve(2, K3, E2, weight(ed, 2))
+    assert float(p3.delta.abs().max()) == 0.0 and p3.state["P"] is p1.state["P"]

@@ -50,6 +50,7 @@ TINY_SETTINGS: dict[str, dict[str, Any]] = {
     "memit": {"mu": 1.0},
     # a tiny random Sigma has any scale: the null space relative to its largest eigenvalue
     "alphaedit": {"alpha": 1.0, "nullspace_threshold": 0.5, "nullspace_rule": "relative"},
+    "evoedit": {"alpha": 1.0, "nullspace_threshold": 0.5, "nullspace_rule": "relative"},
     "rome": {"layers": [3], "lam": 1.0, "mu": 1.0},
     # FT's own lr and steps (FT has no target optimisation)
     "ft": {"layers": [3], "lr": 0.05, "steps": 30, "norm_constraint": 0.5},

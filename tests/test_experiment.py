@@ -937,3 +937,51 @@ def test_final_scoring_resumes_after_its_last_saved_piece(
     calls.clear()
     ex._score_in_pieces(partial, model, tok, cases, set(), "counterfact", {**key, "batches": 3}, piece=4)
     assert len(calls) == 2  # another editor state: everything scored again
+
+
+def _fake_run(name: str, method: str, mu: float, eff: list[float], ppl: list[float]) -> dict[str, Any]:
+    """A results dict of a stream stopped at its last checkpoint (1,000 edits apart), with perplexity."""
+    cps = [
+        {"edits": 1000 * (k + 1), "summary": {"efficacy": e, "generalization": e - 10, "specificity": 60.0}}
+        for k, e in enumerate(eff)
+    ]
+    cap = {
+        "pre": {"perplexity": {"perplexity": 22.0}},
+        "checkpoints": [
+            {"edits": 1000 * (k + 1), "perplexity": {"perplexity": p}} for k, p in enumerate(ppl)
+        ],
+    }
+    return {
+        "_dir": f"/x/{name}",
+        "spec": {"method": method, "targets": "static", "model": "m", "split": "sweep", "offset": 0},
+        "config": {"mu": mu, "layers": [3, 4]},
+        "partial": True,
+        "edits": 1000 * len(eff),
+        "checkpoints": cps,
+        "pre": {"efficacy": 20.0, "generalization": 20.0, "specificity": 70.0},
+        "post": {},
+        "capability": cap,
+    }
+
+
+def test_frontier_table_and_figure(tmp_path: Path) -> None:
+    from rlsedit.report import _plot_frontier, _pyplot, frontier_points, frontier_table
+
+    runs = [
+        _fake_run("a", "rlsedit", 31.6, [95, 90], [30.0, 45.0]),
+        _fake_run("b", "rlsedit", 100.0, [80, 78], [24.0, 26.0]),
+        _fake_run("c", "memit", 31.6, [70, 50], [200.0, 900.0]),
+    ]
+    assert [p[0] for p in frontier_points(runs[0])] == [0, 1000, 2000]
+    table = frontier_table(runs, ["mu"])
+    lines = table.strip().splitlines()
+    assert len(lines) == 5  # header, rule, 3 runs
+    # each run's last point, grouped by method and ordered by perplexity within it
+    assert lines[2].startswith("| c | memit | static | mu=31.6 | 2000 | 50.0 | 40.0 | 60.0 | 900.0 |")
+    assert lines[3].startswith("| b | rlsedit") and lines[4].startswith("| a | rlsedit")
+    assert "1000: 95/30, 2000: 90/45" in lines[4]
+    assert frontier_table([{**runs[0], "capability": {}}]) == ""
+    plt = _pyplot()
+    written: list[Path] = []
+    _plot_frontier(plt, runs, tmp_path, written)
+    assert written == [tmp_path / "frontier.png"] and written[0].stat().st_size > 0

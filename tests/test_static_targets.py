@@ -207,3 +207,40 @@ def test_static_run_end_to_end(store_dir: Path, model_dir: Path, tmp_path: Path)
     )
     assert batches[1]["target_nll_init"] == pytest.approx(float(stored.nll_init.mean()), rel=1e-6)
     assert abs(dbatches[1]["target_nll_init"] - batches[1]["target_nll_init"]) > 1e-4
+
+
+def test_sweep_streams_share_one_store_and_report_the_frontier(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """experiments/sweep.py --stream: one static-target run per grid point on the sweep split, stopped at
+    --stop-after, a frontier table over the points; a second call resumes (nothing re-applied)."""
+    import importlib.util
+    import sys
+
+    store = tmp_path / "targets"
+    argv = ["targets", "--model", str(model_dir), "--split", "sweep", "--edits", "6", "--out", str(store)]
+    assert cli.main([*argv, *SET_ARGS]) == 0
+    path = Path(__file__).resolve().parents[1] / "experiments" / "sweep.py"
+    spec = importlib.util.spec_from_file_location("sweep", path)
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "sweep", mod)
+    spec.loader.exec_module(mod)
+    fixed = [a for k, v in SETTINGS.items() if k != "layers" for a in ("--set", f"{k}={json.dumps(v)}")]
+    run = [
+        "--stream", "--model", str(model_dir), "--static-targets", str(store), "--out", str(tmp_path / "sw"),
+        "--edits", "6", "--batch-size", "2", "--eval-every", "2", "--checkpoint-cases", "2",
+        "--stop-after", "4", "--grid", "mu=[1.0,10.0]", "--set", "layers=[2,3]", *fixed,
+    ]  # fmt: skip
+    assert mod.main(run) == 0
+    runs = sorted((tmp_path / "sw" / "runs").iterdir())
+    assert [r.name for r in runs] == ["rlsedit-mu1.0", "rlsedit-mu10.0"]
+    for r in runs:
+        spec_json = json.loads((r / "spec.json").read_text())
+        assert spec_json["split"] == "sweep" and spec_json["targets"] == "static"
+        assert len(json.loads((r / "batches.json").read_text())) == 2  # stopped after 4 edits
+        assert sorted(p.name for p in (r / "checkpoints").iterdir()) == ["000002.json", "000004.json"]
+    report = (tmp_path / "sw" / "report" / "REPORT.md").read_text()
+    assert "The frontier" in report and "| static | mu=1.0 |" in report
+    assert (tmp_path / "sw" / "report" / "frontier.png").stat().st_size > 0
+    assert mod.main(run) == 0  # resumed: nothing more to do
+    assert len(json.loads((runs[0] / "batches.json").read_text())) == 2

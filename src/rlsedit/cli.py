@@ -670,7 +670,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(rn)
     rn.add_argument("--method", default="rlsedit")
     rn.add_argument("--dataset", default="counterfact", choices=["counterfact", "zsre"])
-    rn.add_argument("--split", default="test", choices=["test", "tune"], help="test: held out; tune: sweeps")
+    rn.add_argument(
+        "--split",
+        default="test",
+        choices=["test", "tune", "sweep"],
+        help="test: held out; tune: settings; sweep: test 10,000-18,999 then tune (long streams that "
+        "choose settings)",
+    )
     rn.add_argument("--edits", type=int, default=200)
     rn.add_argument("--offset", type=int, default=0, help="skip this many cases of the split first")
     rn.add_argument("--batch-size", type=int, default=100)
@@ -726,7 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(tg)
     tg.add_argument("--method", default="rlsedit", help="whose settings (last layer, target settings)")
     tg.add_argument("--dataset", default="counterfact", choices=["counterfact", "zsre"])
-    tg.add_argument("--split", default="test", choices=["test", "tune"])
+    tg.add_argument("--split", default="test", choices=["test", "tune", "sweep"])
     tg.add_argument("--edits", type=_positive_int, required=True)
     tg.add_argument("--offset", type=int, default=0, help="skip this many cases of the split first")
     tg.add_argument("--piece", type=_positive_int, default=100, help="requests optimised together per file")

@@ -50,7 +50,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Splits of :func:`load_counterfact`.
-COUNTERFACT_SPLITS = ("all", "tune", "test")
+COUNTERFACT_SPLITS = ("all", "tune", "test", "sweep")
+#: Where the "sweep" split starts: test positions from here on, then the tune split (10,000 cases apart
+#: from the reported 10,000-edit streams of test positions 0-9,999).
+COUNTERFACT_SWEEP_START = 10_000
 #: Size of the "tune" split: the last records by case_id, never used for evaluation.
 COUNTERFACT_TUNE_SIZE = 1000
 #: Tasks of :func:`load_glue`.
@@ -159,8 +162,11 @@ def load_counterfact(split: str = "all", limit: int | None = None) -> list[Count
 
     Splits are fixed on the 20,000 bundled records by case_id: ``"tune"`` is the last 1,000 (for
     choosing hyper-parameters; never use it for evaluation), ``"test"`` the first 19,000, ``"all"``
-    both. Records that fail validation are skipped with a logged warning (none do in the bundled data;
-    see :func:`load_counterfact_invalid`). ``limit`` keeps the first ``limit`` cases of the split.
+    both; ``"sweep"`` the 10,000 cases from test position 10,000 on (test 10,000-18,999, then the tune
+    split): long streams that choose settings run there, apart from the reported streams of test
+    positions 0-9,999. Records that fail validation are skipped with a logged warning (none do in the
+    bundled data; see :func:`load_counterfact_invalid`). ``limit`` keeps the first ``limit`` cases of the
+    split.
 
     Source: CounterFact (Meng et al., ROME, 2022; MIT) in the compact MEND/EasyEdit form from the public
     repository Jometeorie/KnowledgeSpread. 174 (subject, prompt) keys are edited several times with
@@ -170,7 +176,12 @@ def load_counterfact(split: str = "all", limit: int | None = None) -> list[Count
     _check_limit(limit)
     cases, invalid = _counterfact()
     boundary = len(cases) - COUNTERFACT_TUNE_SIZE
-    chosen = {"all": cases, "test": cases[:boundary], "tune": cases[boundary:]}[split]
+    chosen = {
+        "all": cases,
+        "test": cases[:boundary],
+        "tune": cases[boundary:],
+        "sweep": cases[COUNTERFACT_SWEEP_START:],
+    }[split]
     valid = [case for case in chosen if case is not None]
     if len(valid) < len(chosen):
         logger.warning(

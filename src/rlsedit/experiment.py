@@ -81,7 +81,8 @@ class ExperimentSpec:
     Attributes:
         model: built-in name or path. method: editor name. dataset: ``"counterfact"`` or ``"zsre"`` (the
         valid zsRE cases; only the ``"test"`` split, which is all of them).
-        split: ``"test"`` (held out) or ``"tune"``. edits: number of cases, taken in case_id order
+        split: ``"test"`` (held out), ``"tune"`` or ``"sweep"`` (test 10,000-18,999, then tune). edits:
+        number of cases, taken in case_id order
         (after skipping ``offset``). batch_size: requests per batch. eval_every: score every this many
         edits (0: only at the end). overrides: editor config overrides. retention: sizes of the earliest
         slices re-scored at each checkpoint.

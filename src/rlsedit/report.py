@@ -120,10 +120,9 @@ def results_table(results: Sequence[dict[str, Any]], label_keys: Sequence[str] =
     for r in results:
         post = r["post"]
         per = _per_edit_computed(r)
-        cfg = r.get("config", {})
         labels = []
         for k in label_keys:
-            v = cfg.get(k, cfg.get("targets", {}).get(k))
+            v = _setting(r, k)
             labels.append("-" if v is None else str(v).replace(" ", ""))
         edits = str(r["edits"])
         if r.get("partial"):
@@ -242,6 +241,105 @@ def _retention_points(r: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
     return pts
 
 
+def frontier_points(r: dict[str, Any]) -> list[tuple[int, dict[str, Any], float]]:
+    """``(edits, metric summary, WikiText-2 perplexity)`` wherever a run has both (0 = unedited)."""
+    ppl = {e: c["perplexity"]["perplexity"] for e, c in _capability_points(r) if "perplexity" in c}
+    return [(e, v, ppl[e]) for e, v in _metric_points(r) if e in ppl and v.get("efficacy") is not None]
+
+
+def _setting(r: dict[str, Any], key: str) -> Any:
+    """A run's setting ``key``: from its full config (finished runs), else from the overrides it was
+    asked for (runs in progress), else None."""
+    cfg = r.get("config") or {}
+    if key in cfg:
+        return cfg[key]
+    if key in cfg.get("targets", {}):
+        return cfg["targets"][key]
+    return r.get("spec", {}).get("overrides", {}).get(key)
+
+
+def _settings(r: dict[str, Any], keys: Sequence[str]) -> str:
+    parts = []
+    for k in keys:
+        v = _setting(r, k)
+        if v is not None:
+            parts.append(f"{k}={str(v).replace(' ', '')}")
+    return " ".join(parts)
+
+
+def frontier_table(results: Sequence[dict[str, Any]], label_keys: Sequence[str] = ()) -> str:
+    """A Markdown table of each run's last point with both scores and perplexity (the frontier's
+    points), best efficacy first within each perplexity bracket; empty when no run has such a point."""
+    rows = []
+    for r in results:
+        pts = [p for p in frontier_points(r) if p[0] > 0]
+        if not pts:
+            continue
+        e, v, ppl = pts[-1]
+        traj = ", ".join(f"{pe}: {pv['efficacy']:.0f}/{pp:.0f}" for pe, pv, pp in pts)
+        rows.append((ppl, r, e, v, traj))
+    if not rows:
+        return ""
+    head = ["run", "method", "targets", "settings", "edits", *_METRICS, "perplexity", "trajectory (eff./ppl)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for ppl, r, e, v, traj in sorted(rows, key=lambda t: (t[1]["spec"]["method"], t[0])):
+        row = [
+            Path(r["_dir"]).name,
+            r["spec"]["method"],
+            r["spec"].get("targets", "dynamic"),
+            _settings(r, label_keys) or "-",
+            str(e),
+            *[_cell(v.get(m)) for m in _METRICS],
+            f"{ppl:.1f}",
+            traj,
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_frontier(plt: Any, results: Sequence[dict[str, Any]], out: Path, written: list[Path]) -> None:
+    """frontier.png: efficacy and generalization against perplexity (log) at each run's last point, one
+    curve per method through its runs' points (sorted by perplexity), each run's trajectory over its
+    checkpoints as a thin line, and the unedited model as a star."""
+    panels = ("efficacy", "generalization")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.0), squeeze=False)
+    drawn = False
+    methods = sorted({r["spec"]["method"] for r in results})
+    finals: dict[str, list[tuple[float, dict[str, Any]]]] = {m: [] for m in methods}
+    unedited = None
+    for r in results:
+        pts = frontier_points(r)
+        if pts and pts[0][0] == 0:
+            unedited = pts[0]
+        pts = [p for p in pts if p[0] > 0]
+        if not pts:
+            continue
+        drawn = True
+        c = _color(methods.index(r["spec"]["method"]))
+        for ax, m in zip(axes[0], panels, strict=True):
+            ax.plot([p[2] for p in pts], [p[1][m] for p in pts], color=c, lw=0.6, alpha=0.5)
+        finals[r["spec"]["method"]].append((pts[-1][2], pts[-1][1]))
+    for ax, m in zip(axes[0], panels, strict=True):
+        for k, method in enumerate(methods):
+            pts = sorted(finals[method], key=lambda t: t[0])
+            if pts:
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1][m] for p in pts],
+                    marker="o",
+                    lw=2,
+                    color=_color(k),
+                    label=method,
+                )
+        if unedited is not None:
+            ax.plot([unedited[2]], [unedited[1][m]], marker="*", ms=12, color="k", ls="", label="unedited")
+        ax.set_xscale("log")
+        ax.set(title=f"{m} against perplexity", xlabel="WikiText-2 perplexity (log scale)", ylabel=f"{m} %")
+        ax.grid(alpha=0.3)
+    _legend(axes[0], 8)
+    _save(plt, fig, out / "frontier.png", drawn, written)
+
+
 def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     """metrics.png (+ retention.png, capability.png, objective.png, stream.png where the runs have the
     data); returns the files written."""
@@ -324,6 +422,9 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     _legend(axes[0], 6)
     _save(plt, fig, out / "capability.png", drawn, written)
+    # 3b. the adherence-preservation frontier (runs with both scores and perplexity at their checkpoints)
+    if any(p[0] > 0 for r in results for p in frontier_points(r)):
+        _plot_frontier(plt, results, out, written)
     # 4. the objective's terms per layer over the stream (RLSEdit runs)
     terms = ("fit_batch", "fit_total", "dist_w0", "anchor")
     fig, axes = plt.subplots(1, len(terms), figsize=(4 * len(terms), 3.2), squeeze=False)
@@ -414,11 +515,19 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     figures = _plot(results, out) if plots else []
     text = ["# rlsedit report", "", results_table(results, label_keys)]
+    frontier = frontier_table(results, label_keys)
+    if frontier:
+        text += [
+            "The frontier: each run's last point with both scores and WikiText-2 perplexity, and its "
+            "trajectory (edits: efficacy / perplexity):",
+            "",
+            frontier,
+        ]
     text += ["Over the stream (checkpoints; 0 = before editing):", "", checkpoint_table(results)]
     text += [
         "Seconds per edit are totals of the batches' timings divided by the edits applied, over the batches "
         "whose targets were optimised in the run (batches whose targets came from a shared "
-        "`--targets-cache` are left out of the timing).",
+        "`--targets-cache` are left out of the timing; a static-target run counts every batch).",
         "",
     ]
     text += ["Commands:", ""]

@@ -14,6 +14,7 @@ from rlsedit.editors.base import (
     make_editor,
     register_editor,
 )
+from rlsedit.editors.evoedit import EvoEditConfig, EvoEditEditor
 from rlsedit.editors.ft import FTConfig, FTEditor
 from rlsedit.editors.memit import MEMITConfig, MEMITEditor
 from rlsedit.editors.rlsedit import RLSEditConfig, RLSEditor
@@ -27,6 +28,8 @@ __all__ = [
     "EditReport",
     "Editor",
     "EditorConfig",
+    "EvoEditConfig",
+    "EvoEditEditor",
     "FTConfig",
     "FTEditor",
     "LocateThenEditEditor",

@@ -986,10 +986,12 @@ class LocateThenEditEditor:
     def use_targets(self, provider: TargetProvider) -> None:
         """Take targets from ``provider`` from now on (a cache folder, a recorded stream, a static store).
 
-        A static store is checked at once against this editor (model, last layer, templates, target
-        settings); the requests are checked when a stream is known (:meth:`check_static_targets`)."""
+        A static store is checked at once against this editor's last layer, templates and target
+        settings, and, before any batch is applied, against the model (a store is made on the unedited
+        model; a resumed editor's model is edited already); the requests are checked when a stream is known
+        (:meth:`check_static_targets`)."""
         if provider.static is not None:
-            provider.static.check(self.model, self.target_settings(), [])
+            provider.static.check(self.model if not self.batches else None, self.target_settings(), [])
         self._targets_provider = provider
 
     def target_settings(self) -> dict[str, Any]:
@@ -1002,7 +1004,7 @@ class LocateThenEditEditor:
         or lacks one of ``requests``; nothing when targets are not static."""
         static = self.targets_provider.static
         if static is not None:
-            static.check(self.model, self.target_settings(), requests)
+            static.check(self.model if not self.batches else None, self.target_settings(), requests)
 
     def _measure_norm_anchor(self) -> float:
         """NAS's reference norm on the unedited model: :func:`reference_value_norm` of the targets of

@@ -172,14 +172,17 @@ class StaticTargetStore:
         index = self._build_index()
         return [r for r in requests if request_key(r) not in index]
 
-    def check(self, model: nn.Module, settings: Mapping[str, Any], requests: Sequence[EditRequest]) -> None:
-        """Refuse (ValueError, naming what differs) a store made for another model or with other settings
-        (target settings, last layer, templates), or lacking a request of ``requests``."""
+    def check(
+        self, model: nn.Module | None, settings: Mapping[str, Any], requests: Sequence[EditRequest]
+    ) -> None:
+        """Refuse (ValueError, naming what differs) a store made for another model (``model``, unedited;
+        None: not checked) or with other settings (target settings, last layer, templates), or lacking a
+        request of ``requests``."""
         from rlsedit.models.load import model_fingerprint
 
         problems = []
-        fp = model_fingerprint(model)
-        if self.meta.get("model", {}).get("fingerprint") != fp:
+        fp = None if model is None else model_fingerprint(model)
+        if fp is not None and self.meta.get("model", {}).get("fingerprint") != fp:
             problems.append(
                 f"the model (store: {self.meta.get('model', {}).get('name')!r}, fingerprint "
                 f"{self.meta.get('model', {}).get('fingerprint')}; this model's {fp})"
