@@ -208,3 +208,38 @@ def test_sizes_that_do_not_fit_in_memory_are_skipped(tmp_path: Path, monkeypatch
         assert sec["data"]["runs"] == []
         assert [s["label"] for s in sec["data"]["skipped"]] == ["tiny"]
     assert "**skipped**" in out.read_text(encoding="utf-8")
+
+
+def test_gpu_scale_script_runs_quick_on_the_cpu(tmp_path: Path) -> None:
+    """benchmarks/gpu_scale.py (the 8B-scale GPU benchmark) in --quick form on the CPU: one batch per
+    method, the targets optimised once and shared, the update alone timed, the report written."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_scale.py"
+    spec = importlib.util.spec_from_file_location("gpu_scale", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "G.md"
+    argv = [
+        "--quick",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--edits",
+        "4",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+    ]
+    assert mod.main(argv) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert list(res["methods"]) == ["rlsedit", "memit", "alphaedit"]
+    assert not res["methods"]["rlsedit"]["targets_shared"]
+    assert res["methods"]["memit"]["targets_shared"] and res["methods"]["alphaedit"]["targets_shared"]
+    for r in res["methods"].values():
+        assert set(r["timings"]) >= {"targets", "keys", "update", "total"}
+        assert r["residual_after"] < r["residual_before"]
+    assert res["update_alone"]["d_k"] == 192 and res["update_alone"]["seconds"] > 0
+    assert "| alphaedit |" in out.read_text()
