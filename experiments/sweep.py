@@ -42,7 +42,7 @@ from rlsedit.datasets import load_counterfact
 from rlsedit.editors import make_editor
 from rlsedit.eval.counterfact import score_counterfact, summarize_counterfact
 from rlsedit.locate.provider import StaticTargetStore, TargetProvider, fill_static_targets, target_settings
-from rlsedit.models.arch import get_module, mlp_out_name, weight_kv
+from rlsedit.models.arch import get_module, weight_kv
 from rlsedit.models.load import load_model, model_fingerprint
 from rlsedit.store import load_json, save_json
 
@@ -121,6 +121,26 @@ def stream_main(args: argparse.Namespace, fixed: dict) -> int:
     return 0
 
 
+def _static_targets(args: argparse.Namespace, out: Path, editor, model, tok, reqs) -> float:
+    """Fill (once) the static store of the tune requests for ``editor``'s last layer and target settings in
+    OUT/targets-L<layer>-<hash>/ and point the editor at it; returns the seconds spent optimising."""
+    last = editor.config.layers[-1]
+    settings = target_settings(last, editor.templates, editor.config.targets)
+    meta = {
+        "model": {"name": args.model, "fingerprint": model_fingerprint(model)},
+        "settings": settings,
+        "dataset": "counterfact",
+        "split": "tune",
+    }
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    store = StaticTargetStore.create(out / f"targets-L{last}-{digest}", meta)
+    t0 = time.perf_counter()
+    tcfg = editor.config.targets
+    fill_static_targets(store, model, tok, reqs, range(len(reqs)), last, editor.templates, tcfg, len(reqs))
+    editor.use_targets(TargetProvider(static=store))
+    return time.perf_counter() - t0
+
+
 def batch_main(args: argparse.Namespace, fixed: dict) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -142,34 +162,10 @@ def batch_main(args: argparse.Namespace, fixed: dict) -> int:
         if json.dumps(cfg, sort_keys=True) in done:
             continue
         editor = make_editor(args.method, model, tok, **cfg)
-        last = editor.config.layers[-1]
-        settings = target_settings(last, editor.templates, editor.config.targets)
-        meta = {
-            "model": {"name": args.model, "fingerprint": model_fingerprint(model)},
-            "settings": settings,
-            "dataset": "counterfact",
-            "split": "tune",
-        }
-        # one store per last layer and target settings
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-        tag = f"targets-L{last}-{digest}"
-        store = StaticTargetStore.create(out / tag, meta)
-        t_targets = time.perf_counter()
-        fill_static_targets(
-            store,
-            model,
-            tok,
-            reqs,
-            range(len(reqs)),
-            last,
-            editor.templates,
-            editor.config.targets,
-            len(reqs),
-        )
-        t_targets = time.perf_counter() - t_targets
-        editor.use_targets(TargetProvider(static=store))
-        names = {layer: mlp_out_name(model, layer) for layer in editor.config.layers}
-        saved = {n: weight_kv(get_module(model, n)).detach().clone() for n in names.values()}
+        t_targets = 0.0
+        if editor.uses_targets:
+            t_targets = _static_targets(args, out, editor, model, tok, reqs)
+        saved = {n: weight_kv(get_module(model, n)).detach().clone() for n in editor.modules.values()}
         t0 = time.perf_counter()
         report = editor.edit(reqs)
         t_edit = time.perf_counter() - t0

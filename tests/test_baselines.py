@@ -440,3 +440,64 @@ def test_evoedit_solve_follows_the_reference() -> None:
     K3 = (eye - p1.state["P"]) @ K2
     p3 = ed.solve(2, K3, E2, weight(ed, 2))
     assert float(p3.delta.abs().max()) == 0.0 and p3.state["P"] is p1.state["P"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# UltraEdit
+
+
+def test_ultraedit_follows_the_reference() -> None:
+    """Reference (UltraEdit ``nets.RunningMeanStd`` and ``ULTRAEDIT.predict_param_shifts``):
+    ``update``: ``n' = n + m; delta = mean(x) - mean; mean += m delta / n';``
+    ``var += m var(x) + n m delta^2 / n'``;
+    ``forward``: ``(x - mean) / (sqrt(var / (n' - 1 + eps)) + eps)``; ``coeffs = -lr sum(k^2)``;
+    ``shift = solve(K^T K + I, K^T (coeffs g^))``; the keys and gradients those of one forward/backward of
+    the mean cross-entropy over the target tokens, at the positions that predict them."""
+    from rlsedit.editors.ft import _encode
+    from rlsedit.editors.ultraedit import running_update, ultraedit_delta
+
+    g = torch.Generator().manual_seed(0)
+    X1 = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    X2 = torch.randn(4, 5, generator=g, dtype=torch.float64) + 1.0
+    n, mean, var = (
+        torch.zeros(1, dtype=torch.float64),
+        torch.zeros(5, dtype=torch.float64),
+        torch.zeros(5, dtype=torch.float64),
+    )
+    n, mean, var = running_update(n, mean, var, X1)
+    n, mean, var = running_update(n, mean, var, X2)
+    both = torch.cat([X1, X2])
+    assert float(n) == 11 and torch.allclose(mean, both.mean(0))
+    # the reference's accumulated variance (its own formula, not exactly the pooled one)
+    d = X2.mean(0) - X1.mean(0)
+    ref_var = 7 * X1.var(0) + 4 * X2.var(0) + 7 * 4 * d**2 / 11
+    torch.testing.assert_close(var, ref_var)
+    K, G = both[:, :3], both[:, 3:]
+    eps = float(torch.finfo(torch.float32).eps)
+    z = (both - mean) / ((var / (n - 1 + eps)).sqrt() + eps)
+    V = -0.1 * (z[:, :3] ** 2).sum(1, keepdim=True) * z[:, 3:]
+    ref = torch.linalg.solve(K.T @ K + torch.eye(3, dtype=torch.float64), K.T @ V)
+    torch.testing.assert_close(ultraedit_delta(K, G, n, mean, var, 0.1, 1.0), ref)
+    # through the editor: keys and gradients of the edited matrix (the MLP input projection)
+    ed = editor_on_tiny("ultraedit", [1, 2], lr=1e-3)
+    assert ed.modules == {1: "model.layers.1.mlp.up_proj", 2: "model.layers.2.mlp.up_proj"}
+    reqs = [request(), request("Lyon", "Beirut")]
+    feats, loss = ed._features(reqs)
+    batch = _encode(ed.tokenizer, reqs, torch.device("cpu"))
+    up = ed.model.model.layers[2].mlp.up_proj
+    seen = {}
+    h1 = up.register_forward_hook(lambda m, a, o: seen.__setitem__("x", a[0]))
+    h2 = up.register_full_backward_hook(lambda m, gi, go: seen.__setitem__("g", go[0]))
+    ed.model.zero_grad()
+    logits = ed.model(input_ids=batch.ids, attention_mask=batch.mask).logits
+    torch.nn.functional.cross_entropy(logits[batch.rows, batch.pos], batch.tok).backward()
+    h1.remove()
+    h2.remove()
+    torch.testing.assert_close(feats[2][0], seen["x"][batch.rows, batch.pos].double())
+    torch.testing.assert_close(feats[2][1], seen["g"][batch.rows, batch.pos].double())
+    # an edit moves the state and lowers the targets' loss; the normaliser is saved with the lowest layer
+    report = ed.edit(reqs).batches[0]
+    assert report.target_nll_final < report.target_nll_init
+    assert float(ed.layer_state[1]["n"]) == 2 * feats[2][0].shape[0] and ed.layer_state[2] == {}
+    with pytest.raises(ValueError, match="lr > 0"):
+        editor_on_tiny("ultraedit", [1], lr=0.0)

@@ -52,6 +52,9 @@ TINY_SETTINGS: dict[str, dict[str, Any]] = {
     "alphaedit": {"alpha": 1.0, "nullspace_threshold": 0.5, "nullspace_rule": "relative"},
     "evoedit": {"alpha": 1.0, "nullspace_threshold": 0.5, "nullspace_rule": "relative"},
     "rome": {"layers": [3], "lam": 1.0, "mu": 1.0},
+    # UltraEdit's own step (no target optimisation), strong enough to measure on a tiny model; its
+    # normaliser primed with tune requests (two single-token edits alone leave it little but signs)
+    "ultraedit": {"layers": [3], "lr": 0.1, "warmup": 64},
     # FT's own lr and steps (FT has no target optimisation)
     "ft": {"layers": [3], "lr": 0.05, "steps": 30, "norm_constraint": 0.5},
 }

@@ -19,6 +19,7 @@ from rlsedit.editors.ft import FTConfig, FTEditor
 from rlsedit.editors.memit import MEMITConfig, MEMITEditor
 from rlsedit.editors.rlsedit import RLSEditConfig, RLSEditor
 from rlsedit.editors.rome import ROMEConfig, ROMEEditor
+from rlsedit.editors.ultraedit import UltraEditConfig, UltraEditEditor
 
 __all__ = [
     "AlphaEditConfig",
@@ -39,6 +40,8 @@ __all__ = [
     "RLSEditor",
     "ROMEConfig",
     "ROMEEditor",
+    "UltraEditConfig",
+    "UltraEditEditor",
     "editor_class",
     "list_editors",
     "load_editor",

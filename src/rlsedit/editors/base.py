@@ -522,7 +522,7 @@ class LocateThenEditEditor:
                 "to edit this architecture."
             )
         check_layers(model, config.layers)
-        self.modules = {layer: mlp_out_name(model, layer) for layer in config.layers}
+        self.modules = {layer: self.module_name(layer) for layer in config.layers}
         for name in self.modules.values():
             if weight_kv(get_module(model, name)).is_meta:
                 raise ValueError(
@@ -560,6 +560,16 @@ class LocateThenEditEditor:
             del sigma  # a temporary copy on the layer's device unless an editor keeps one
         if config.norm_anchor and config.norm_anchor_ref <= 0 and self.uses_targets:
             config.norm_anchor_ref = self._measure_norm_anchor()
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Called once when a new editor is made (not when one is loaded), after its state is initialised:
+        an editor that measures something on the unedited model before the first batch does it here."""
+
+    def module_name(self, layer: int) -> str:
+        """Full path of the matrix this editor changes in block ``layer``: the MLP output projection (an
+        editor that edits another matrix says which)."""
+        return mlp_out_name(self.model, layer)
 
     def layer_device(self, layer: int) -> torch.device:
         """The device of edited layer ``layer``'s weight (where its state and solves live)."""

@@ -54,6 +54,8 @@ class ArchSpec:
         embed: path of the token embedding.
         norm_after_mlp: True when a normalisation is applied to the MLP output before it is added to the
             residual stream (Gemma 2/3's ``post_feedforward_layernorm``).
+        mlp_in: path of the MLP's (up) input projection relative to a block, e.g. ``"mlp.up_proj"`` (the
+            matrices UltraEdit edits).
     """
 
     blocks: str
@@ -62,6 +64,7 @@ class ArchSpec:
     lm_head: str
     embed: str
     norm_after_mlp: bool = False
+    mlp_in: str = "mlp.up_proj"
 
 
 _LLAMA_LIKE = ArchSpec(
@@ -90,7 +93,14 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "smollm3": _LLAMA_LIKE,
     "olmo": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
-    "phi3": _LLAMA_LIKE,  # fused gate_up_proj in, down_proj out
+    "phi3": ArchSpec(  # fused gate_up_proj in, down_proj out
+        blocks="model.layers",
+        mlp_out="mlp.down_proj",
+        final_norm="model.norm",
+        lm_head="lm_head",
+        embed="model.embed_tokens",
+        mlp_in="mlp.gate_up_proj",
+    ),
     # post_feedforward_layernorm normalises the MLP output before the residual add
     "gemma2": _POSTNORM,
     "gemma3_text": _POSTNORM,
@@ -111,6 +121,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         final_norm="transformer.ln_f",
         lm_head="lm_head",
         embed="transformer.wte",
+        mlp_in="mlp.c_fc",
     ),
     "gptj": ArchSpec(
         blocks="transformer.h",
@@ -118,6 +129,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         final_norm="transformer.ln_f",
         lm_head="lm_head",
         embed="transformer.wte",
+        mlp_in="mlp.fc_in",
     ),
     "gpt_neox": ArchSpec(
         blocks="gpt_neox.layers",
@@ -125,6 +137,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         final_norm="gpt_neox.final_layer_norm",
         lm_head="lm_head",
         embed="gpt_neox.embed_in",
+        mlp_in="mlp.dense_h_to_4h",
     ),
     "phi": ArchSpec(
         blocks="model.layers",
@@ -132,6 +145,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         final_norm="model.final_layernorm",
         lm_head="lm_head",
         embed="model.embed_tokens",
+        mlp_in="mlp.fc1",
     ),
 }
 
