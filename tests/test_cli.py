@@ -90,6 +90,48 @@ def test_edit_resume_retract_export(setup: dict[str, Path], tmp_path: Path, caps
     assert any(not torch.equal(w_edit[k], w) for k, w in _weights(after).items())
 
 
+def test_export_loads_and_applies_without_rlsedit(setup: dict[str, Path], tmp_path: Path) -> None:
+    """In a fresh interpreter where rlsedit cannot be imported: the exported checkpoint loads with plain
+    AutoModelForCausalLM.from_pretrained, and the README's three-line snippet applies
+    weight_deltas.safetensors to the unedited model; both give the edited weights."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    assert _edit(setup, run) == 0
+    out = tmp_path / "export"
+    assert cli.main(["export", "--model", str(setup["model"]), "--run", str(run), "--out", str(out)]) == 0
+    edited, tok = load_model(str(setup["model"]))
+    load_editor(run, edited, tok, attach=False)
+    expected = {n: p.detach().clone() for n, p in edited.named_parameters() if "mlp.down_proj" in n}
+    torch.save(expected, tmp_path / "expected.pt")
+    code = f"""
+import sys
+sys.modules["rlsedit"] = None  # rlsedit is not importable here
+try:
+    import rlsedit  # noqa
+    raise SystemExit("rlsedit was importable")
+except ImportError:
+    pass
+import torch
+from transformers import AutoModelForCausalLM
+expected = torch.load({str(tmp_path / "expected.pt")!r})
+exported = AutoModelForCausalLM.from_pretrained({str(out / "model")!r})
+model = AutoModelForCausalLM.from_pretrained({str(setup["model"])!r})
+from safetensors.torch import load_file
+for name, delta in load_file({str(out / "deltas" / "weight_deltas.safetensors")!r}).items():
+    model.get_parameter(name).data += delta.to(model.get_parameter(name).dtype)
+for m in (exported, model):
+    params = dict(m.named_parameters())
+    for k, w in expected.items():
+        torch.testing.assert_close(params[k].detach(), w, rtol=0, atol=1e-6)
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().endswith("ok")
+
+
 def test_deltas_refuse_a_model_they_do_not_fit(setup: dict[str, Path], tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert _edit(setup, run) == 0

@@ -260,6 +260,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         out / "deltas",
         editor.weight_deltas(),
         {"base_model": name, "method": editor.name, "requests": editor.n_applied},
+        model=model,
     )
     if not args.deltas_only:
         export_model(model, tok, out / "model")

@@ -1,7 +1,13 @@
 """Exporting an edited model: a Hugging Face checkpoint, and the weight changes alone.
 
-The deltas file (``deltas.safetensors`` + ``deltas.json``) holds ``W - W0`` of each edited module in the
-module's own weight orientation, so it can be added to the base model and removed again.
+The deltas file (``deltas.safetensors`` + ``deltas.json``) holds ``W - W0`` of each edited module as
+``(d_k, d_v)`` (keys as rows), so it can be added to the base model and removed again with
+:func:`apply_deltas`. Beside it, ``weight_deltas.safetensors`` holds the same changes keyed by parameter
+name (``<module>.weight``) in each parameter's own shape, for use without rlsedit:
+
+    from safetensors.torch import load_file
+    for name, delta in load_file("export/deltas/weight_deltas.safetensors").items():
+        model.get_parameter(name).data += delta.to(model.get_parameter(name).dtype)
 """
 
 from __future__ import annotations
@@ -24,11 +30,33 @@ log = logging.getLogger(__name__)
 DELTAS_FORMAT = "rlsedit-deltas/1"
 
 
-def save_deltas(directory: str | Path, deltas: dict[str, torch.Tensor], info: dict[str, Any]) -> Path:
-    """Write ``{module_name: dW (d_k, d_v)}`` as ``deltas.safetensors`` plus ``deltas.json``."""
+def save_deltas(
+    directory: str | Path,
+    deltas: dict[str, torch.Tensor],
+    info: dict[str, Any],
+    model: nn.Module | None = None,
+) -> Path:
+    """Write ``{module_name: dW (d_k, d_v)}`` as ``deltas.safetensors`` plus ``deltas.json``; with ``model``
+    (the model the deltas were made on), also ``weight_deltas.safetensors``: ``{parameter name: dW in the
+    parameter's shape}``, which plain safetensors and torch apply (see the module docstring)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     sha = save_tensors(out / "deltas.safetensors", {k: v.contiguous() for k, v in deltas.items()})
+    if model is not None:
+        from safetensors.torch import save_file
+
+        plain = {}
+        for name, d in deltas.items():
+            module = get_module(model, name)
+            w = module.weight
+            # nn.Linear keeps W as weight.T; Conv1D as weight (see rlsedit.models.arch.weight_kv)
+            p = (d.T if isinstance(module, nn.Linear) else d).contiguous()
+            if tuple(p.shape) != tuple(w.shape):
+                raise ValueError(
+                    f"{name}: the delta {tuple(d.shape)} does not fit its weight {tuple(w.shape)}"
+                )
+            plain[f"{name}.weight"] = p
+        save_file(plain, str(out / "weight_deltas.safetensors"))
     save_json(
         out / "deltas.json",
         {
