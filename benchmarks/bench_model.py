@@ -278,9 +278,15 @@ def bench_end_to_end(
     layers: Sequence[int] | None = None,
     sigmas: dict[int, torch.Tensor] | None = None,
     stats_dir: str | None = None,
+    static: bool = False,
 ) -> dict[str, Any]:
     """Apply ``requests`` with the RLSEdit editor in batches of ``batch_size``; report the editor's own
     per-batch timings (targets, keys, update, total) per edit and the peak RSS over the stream.
+
+    ``static``: then, side by side, the same stream with static targets (each request's target optimised
+    once on the unedited model into a :class:`rlsedit.locate.provider.StaticTargetStore`, not timed per
+    edit: its one-off cost is ``static["fill_s"]``), read by a fresh editor; ``static`` holds its batches
+    and per-edit medians like the dynamic stream's.
 
     The editor is built (templates, statistics, ``C_0``) outside the timed stream; ``sigmas`` (``{layer:
     Sigma}``) skips the statistics, else they come from ``stats_dir`` / the user cache (computed once if
@@ -304,17 +310,71 @@ def bench_end_to_end(
             for layer, name in editor.modules.items():
                 weight_kv(get_module(model, name)).copy_(editor.W0[layer])
     keys = ("targets", "keys", "update", "save", "total")
-    batches = []
-    for b in report.batches:
-        n = max(1, b.n_requests)
-        batches.append(
-            {
-                "n_requests": b.n_requests,
-                "timings": dict(b.timings),
-                "per_edit": {k: b.timings.get(k, 0.0) / n for k in keys},
-                "target_nll_final": b.target_nll_final,
-            }
+
+    def per_batch(rep: Any) -> list[dict[str, Any]]:
+        out = []
+        for b in rep.batches:
+            n = max(1, b.n_requests)
+            out.append(
+                {
+                    "n_requests": b.n_requests,
+                    "timings": dict(b.timings),
+                    "per_edit": {k: b.timings.get(k, 0.0) / n for k in keys},
+                    "target_nll_final": b.target_nll_final,
+                }
+            )
+        return out
+
+    batches = per_batch(report)
+    static_result = None
+    if static:
+        import tempfile
+
+        from rlsedit.locate.provider import (
+            StaticTargetStore,
+            TargetProvider,
+            fill_static_targets,
+            target_settings,
         )
+        from rlsedit.models.load import model_fingerprint
+
+        last = editor.config.layers[-1]
+        meta = {
+            "model": {"name": "benchmark", "fingerprint": model_fingerprint(model)},
+            "settings": target_settings(last, editor.templates, editor.config.targets),
+        }
+        with tempfile.TemporaryDirectory() as d:
+            store = StaticTargetStore.create(d, meta)
+            fill_s, _ = timed(
+                lambda: fill_static_targets(
+                    store,
+                    model,
+                    tokenizer,
+                    list(requests),
+                    range(len(requests)),
+                    last,
+                    editor.templates,
+                    editor.config.targets,
+                    batch_size,
+                    progress=False,
+                )
+            )
+            static_editor = make_editor(
+                "rlsedit", model, tokenizer, sigmas=sigmas, stats_dir=stats_dir, **overrides
+            )
+            static_editor.use_targets(TargetProvider(static=store))
+            try:
+                static_report = static_editor.edit(list(requests), batch_size=batch_size)
+            finally:
+                with torch.no_grad():
+                    for layer, name in static_editor.modules.items():
+                        weight_kv(get_module(model, name)).copy_(static_editor.W0[layer])
+        sb = per_batch(static_report)
+        static_result = {
+            "fill_s": fill_s,
+            "batches": sb,
+            "per_edit_median": {k: median([b["per_edit"][k] for b in sb]) for k in keys},
+        }
     return {
         "n_requests": len(requests),
         "batch_size": batch_size,
@@ -329,6 +389,7 @@ def bench_end_to_end(
             "stream_peak": sampler.peak,
             "lifetime_peak": max_rss_bytes(),
         },
+        "static": static_result,
     }
 
 

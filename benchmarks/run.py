@@ -639,7 +639,13 @@ def section_end_to_end(ctx: Context) -> Section:
         sigmas = {layer: sm[name] for layer, name in names.items()}
     n = s.e2e_batch_size * s.e2e_batches
     r = bench_end_to_end(
-        model, tok, _requests(n), s.e2e_batch_size, layers=layers if ctx.args.layers else None, sigmas=sigmas
+        model,
+        tok,
+        _requests(n),
+        s.e2e_batch_size,
+        layers=layers if ctx.args.layers else None,
+        sigmas=sigmas,
+        static=True,
     )
     sec.data = r
     table = Table(
@@ -674,6 +680,21 @@ def section_end_to_end(ctx: Context) -> Section:
             "",
         ]
     )
+    st = r["static"]
+    if st is not None:
+        for i, b in enumerate(st["batches"], 1):
+            pe = b["per_edit"]
+            table.rows.append(
+                [
+                    f"static {i}",
+                    str(b["n_requests"]),
+                    fmt_seconds(pe["targets"]),
+                    fmt_seconds(pe["keys"]),
+                    fmt_seconds(pe["update"]),
+                    fmt_seconds(pe["total"]),
+                    fmt_seconds(b["timings"].get("total", float("nan"))),
+                ]
+            )
     rss = r["rss"]
     mem = Table(
         ["model loaded", "editor built", "peak during the stream", "peak increase", "process lifetime peak"],
@@ -696,6 +717,16 @@ def section_end_to_end(ctx: Context) -> Section:
         f"({100 * m['targets'] / total:.0f}%), "
         f"keys {fmt_seconds(m['keys'])} ({100 * m['keys'] / total:.0f}%), "
         f"update {fmt_seconds(m['update'])} ({100 * m['update'] / total:.0f}%)",
+        *(
+            [
+                f"static targets (read from a store optimised once on the unedited model): "
+                f"{fmt_seconds(st['per_edit_median']['total'])} vs {fmt_seconds(m['total'])} per edit "
+                f"(**{fmt_ratio(m['total'] / max(st['per_edit_median']['total'], 1e-12))}** faster), the "
+                f"store's one-off cost {fmt_seconds(st['fill_s'] / max(1, r['n_requests']))} per edit"
+            ]
+            if st is not None
+            else []
+        ),
         f"peak RSS during the stream {fmt_bytes(rss['stream_peak'])} "
         f"(+{fmt_bytes(rss['stream_peak'] - rss['stream_start'])} over its start)",
     ]

@@ -165,9 +165,19 @@ def test_model_benchmarks_on_a_tiny_model(tiny_model_factory) -> None:
 
     before = {layer: weight_kv(get_module(model, mlp_out_name(model, layer))).clone() for layer in (0, 1)}
     sigmas = {layer: torch.eye(64, dtype=torch.float64) for layer in (0, 1)}
-    e2e = bench_model.bench_end_to_end(model, tok, reqs, batch_size=1, layers=[0, 1], sigmas=sigmas)
+    e2e = bench_model.bench_end_to_end(
+        model, tok, reqs, batch_size=1, layers=[0, 1], sigmas=sigmas, static=True
+    )
     assert len(e2e["batches"]) == 2
     assert set(e2e["per_edit_median"]) == {"targets", "keys", "update", "save", "total"}
+    # the static stream, side by side: the same batches, targets read (no optimisation in its timings)
+    st = e2e["static"]
+    assert len(st["batches"]) == 2 and st["fill_s"] > 0
+    assert st["per_edit_median"]["targets"] < 0.1 * e2e["per_edit_median"]["targets"]
+    # the first batch sees the unedited model in both protocols: the same targets, the same final NLL
+    assert st["batches"][0]["target_nll_final"] == pytest.approx(
+        e2e["batches"][0]["target_nll_final"], rel=1e-5
+    )
     assert e2e["rss"]["stream_peak"] >= e2e["rss"]["stream_start"] > 0
     for layer, w in before.items():  # the edits were taken back
         torch.testing.assert_close(weight_kv(get_module(model, mlp_out_name(model, layer))), w)
