@@ -32,6 +32,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -177,8 +178,10 @@ def batch_main(args: argparse.Namespace, fixed: dict) -> int:
         row = {
             "config": cfg,
             "post": post,
-            "residual_before": b.residual_before,
-            "residual_after": b.residual_after,
+            # None where the editor has no residual (UltraEdit, FT)
+            "residual_before": b.residual_before if math.isfinite(b.residual_before) else None,
+            "residual_after": b.residual_after if math.isfinite(b.residual_after) else None,
+            "target_nll": [b.target_nll_init, b.target_nll_final],
             "seconds_without_targets": t_edit,
             "target_seconds": t_targets,
         }
@@ -200,7 +203,10 @@ def batch_main(args: argparse.Namespace, fixed: dict) -> int:
         c, q = r["config"], r["post"]
         cells = [json.dumps(c.get(k)).replace(" ", "") for k in keys]
         cells += [f"{q['efficacy']:.1f}", f"{q['generalization']:.1f}", f"{q['specificity']:.1f}"]
-        cells.append(f"{r['residual_before']:.2f} -> {r['residual_after']:.2f}")
+        if r["residual_before"] is None:
+            cells.append("-")
+        else:
+            cells.append(f"{r['residual_before']:.2f} -> {r['residual_after']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     cmd = "python experiments/sweep.py " + " ".join(
         f"'{a}'" if " " in a or "[" in a else a for a in sys.argv[1:]
