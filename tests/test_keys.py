@@ -68,3 +68,39 @@ def test_key_weights() -> None:
     model, tokenizer = tiny_model("llama", seed=0)
     with pytest.raises(ValueError, match="bare prompt"):
         compute_keys(model, tokenizer, TEST_REQUESTS, "model.layers.1.mlp.down_proj", ["Hi. ", ""])
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gpt_neox", "phi", "qwen2"])
+def test_lower_blocks_kept_once_give_the_same_edit(model_type: str) -> None:
+    """Within a batch the blocks below the first edited layer run once per chunk of rows (their output
+    kept, stubbed in for every later read): the same weights as running every read in full, with block 0
+    run fewer times."""
+    from rlsedit import make_editor
+    from rlsedit.models.arch import get_module, num_layers, weight_kv
+
+    weights, calls = {}, {}
+    for reuse in (False, True):
+        model, tok = tiny_model(model_type, seed=0)
+        sigmas = {layer: torch.eye(64, dtype=torch.float64) for layer in range(num_layers(model))}
+        ed = make_editor(
+            "memit", model, tok, sigmas=sigmas, layers=[2, 3], n_templates=2, template_length=4, steps=3,
+            mu=1.0, reuse_lower_blocks=reuse,
+        )  # fmt: skip
+        block0 = get_module(model, f"{get_arch(model).blocks}.0")
+        n = [0]
+
+        def count(*args, n=n):
+            n[0] += 1
+
+        handle = block0.register_forward_hook(count)
+        try:
+            ed.edit(TEST_REQUESTS[:3])
+        finally:
+            handle.remove()
+        calls[reuse] = n[0]
+        weights[reuse] = {
+            layer: weight_kv(get_module(model, ed.modules[layer])).detach().clone() for layer in (2, 3)
+        }
+    for layer in (2, 3):
+        torch.testing.assert_close(weights[True][layer], weights[False][layer], rtol=1e-5, atol=1e-6)
+    assert calls[True] < calls[False]
