@@ -333,8 +333,13 @@ def _plot_frontier(plt: Any, results: Sequence[dict[str, Any]], out: Path, writt
                 )
         if unedited is not None:
             ax.plot([unedited[2]], [unedited[1][m]], marker="*", ms=12, color="k", ls="", label="unedited")
-        ax.set_xscale("log")
-        ax.set(title=f"{m} against perplexity", xlabel="WikiText-2 perplexity (log scale)", ylabel=f"{m} %")
+        # a log axis where the perplexities span a decade or more (a collapsed model's thousands)
+        xs = [x for line in ax.lines for x in line.get_xdata()]
+        log_x = bool(xs) and max(xs) > 10 * min(xs)
+        if log_x:
+            ax.set_xscale("log")
+        xlabel = "WikiText-2 perplexity" + (" (log scale)" if log_x else "")
+        ax.set(title=f"{m} against perplexity", xlabel=xlabel, ylabel=f"{m} %")
         ax.grid(alpha=0.3)
     _legend(axes[0], 8)
     _save(plt, fig, out / "frontier.png", drawn, written)
