@@ -334,15 +334,11 @@ def bench_end_to_end(
             StaticTargetStore,
             TargetProvider,
             fill_static_targets,
-            target_settings,
+            store_meta,
         )
-        from rlsedit.models.load import model_fingerprint
 
         last = editor.config.layers[-1]
-        meta = {
-            "model": {"name": "benchmark", "fingerprint": model_fingerprint(model)},
-            "settings": target_settings(last, editor.templates, editor.config.targets),
-        }
+        meta = store_meta(model, "benchmark", editor.target_settings())
         with tempfile.TemporaryDirectory() as d:
             store = StaticTargetStore.create(d, meta)
             fill_s, _ = timed(

@@ -655,19 +655,20 @@ def section_end_to_end(ctx: Context) -> Section:
             f"tune requests in batches of {r['batch_size']}"
         ),
     )
-    for i, b in enumerate(r["batches"], 1):
-        pe = b["per_edit"]
-        table.rows.append(
-            [
-                str(i),
-                str(b["n_requests"]),
-                fmt_seconds(pe["targets"]),
-                fmt_seconds(pe["keys"]),
-                fmt_seconds(pe["update"]),
-                fmt_seconds(pe["total"]),
-                fmt_seconds(b["timings"].get("total", float("nan"))),
-            ]
-        )
+
+    def batch_rows(batches: list[dict[str, Any]], prefix: str) -> None:
+        for i, b in enumerate(batches, 1):
+            pe = b["per_edit"]
+            table.rows.append(
+                [
+                    f"{prefix}{i}",
+                    str(b["n_requests"]),
+                    *(fmt_seconds(pe[k]) for k in ("targets", "keys", "update", "total")),
+                    fmt_seconds(b["timings"].get("total", float("nan"))),
+                ]
+            )
+
+    batch_rows(r["batches"], "")
     m = r["per_edit_median"]
     table.rows.append(
         [
@@ -682,19 +683,7 @@ def section_end_to_end(ctx: Context) -> Section:
     )
     st = r["static"]
     if st is not None:
-        for i, b in enumerate(st["batches"], 1):
-            pe = b["per_edit"]
-            table.rows.append(
-                [
-                    f"static {i}",
-                    str(b["n_requests"]),
-                    fmt_seconds(pe["targets"]),
-                    fmt_seconds(pe["keys"]),
-                    fmt_seconds(pe["update"]),
-                    fmt_seconds(pe["total"]),
-                    fmt_seconds(b["timings"].get("total", float("nan"))),
-                ]
-            )
+        batch_rows(st["batches"], "static ")
     rss = r["rss"]
     mem = Table(
         ["model loaded", "editor built", "peak during the stream", "peak increase", "process lifetime peak"],

@@ -42,9 +42,14 @@ import torch
 from rlsedit.datasets import load_counterfact
 from rlsedit.editors import make_editor
 from rlsedit.eval.counterfact import score_counterfact, summarize_counterfact
-from rlsedit.locate.provider import StaticTargetStore, TargetProvider, fill_static_targets, target_settings
+from rlsedit.locate.provider import (
+    StaticTargetStore,
+    TargetProvider,
+    fill_static_targets,
+    store_meta,
+)
 from rlsedit.models.arch import get_module, weight_kv
-from rlsedit.models.load import load_model, model_fingerprint
+from rlsedit.models.load import load_model
 from rlsedit.store import load_json, save_json
 
 log = logging.getLogger("sweep")
@@ -126,13 +131,8 @@ def _static_targets(args: argparse.Namespace, out: Path, editor, model, tok, req
     """Fill (once) the static store of the tune requests for ``editor``'s last layer and target settings in
     OUT/targets-L<layer>-<hash>/ and point the editor at it; returns the seconds spent optimising."""
     last = editor.config.layers[-1]
-    settings = target_settings(last, editor.templates, editor.config.targets)
-    meta = {
-        "model": {"name": args.model, "fingerprint": model_fingerprint(model)},
-        "settings": settings,
-        "dataset": "counterfact",
-        "split": "tune",
-    }
+    settings = editor.target_settings()
+    meta = store_meta(model, args.model, settings, dataset="counterfact", split="tune")
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     store = StaticTargetStore.create(out / f"targets-L{last}-{digest}", meta)
     t0 = time.perf_counter()

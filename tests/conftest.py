@@ -14,6 +14,7 @@ Every call of the factory builds a fresh model, so tests may edit it in place.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -40,3 +41,13 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_arch_model(request: pytest.FixtureRequest) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """A tiny model (seed 0) of each architecture in turn, with the tiny tokenizer."""
     return tiny_models.tiny_model(request.param)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny llama (seed 3) and its tokenizer saved to a folder, as ``--model`` of the CLI takes it."""
+    d = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    model, tok = tiny_models.tiny_model("llama", seed=3)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

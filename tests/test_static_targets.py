@@ -19,19 +19,8 @@ from rlsedit.locate.provider import StaticTargetStore, TargetProvider, fill_stat
 from rlsedit.locate.targets import compute_targets
 from rlsedit.models.arch import mlp_out_name
 from rlsedit.models.load import model_fingerprint
+from test_experiment import SET_ARGS, SETTINGS, _script  # the tiny run settings (model_dir: conftest.py)
 from tiny_models import tiny_model
-
-SETTINGS = {"layers": [2, 3], "n_templates": 1, "steps": 2, "stats_samples": 16, "stats_max_len": 32}
-SET_ARGS = [a for k, v in SETTINGS.items() for a in ("--set", f"{k}={json.dumps(v)}")]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    model, tok = tiny_model("llama", seed=3)
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -214,17 +203,10 @@ def test_sweep_streams_share_one_store_and_report_the_frontier(
 ) -> None:
     """experiments/sweep.py --stream: one static-target run per grid point on the sweep split, stopped at
     --stop-after, a frontier table over the points; a second call resumes (nothing re-applied)."""
-    import importlib.util
-    import sys
-
     store = tmp_path / "targets"
     argv = ["targets", "--model", str(model_dir), "--split", "sweep", "--edits", "6", "--out", str(store)]
     assert cli.main([*argv, *SET_ARGS]) == 0
-    path = Path(__file__).resolve().parents[1] / "experiments" / "sweep.py"
-    spec = importlib.util.spec_from_file_location("sweep", path)
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "sweep", mod)
-    spec.loader.exec_module(mod)
+    mod = _script("sweep", monkeypatch)
     fixed = [a for k, v in SETTINGS.items() if k != "layers" for a in ("--set", f"{k}={json.dumps(v)}")]
     run = [
         "--stream", "--model", str(model_dir), "--static-targets", str(store), "--out", str(tmp_path / "sw"),

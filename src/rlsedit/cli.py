@@ -418,9 +418,8 @@ def cmd_targets(args: argparse.Namespace) -> int:
     """Optimise the targets of a dataset range once on the unedited model (a static target store)."""
     from rlsedit.editors.base import check_config, check_option_names, editor_class
     from rlsedit.experiment import ExperimentSpec, _cases
-    from rlsedit.locate.provider import StaticTargetStore, fill_static_targets, target_settings
+    from rlsedit.locate.provider import StaticTargetStore, fill_static_targets, store_meta, target_settings
     from rlsedit.locate.templates import generate_context_templates
-    from rlsedit.models.load import model_fingerprint
 
     overrides = _overrides(args.set)
     if not editor_class(args.method).uses_targets:
@@ -443,12 +442,8 @@ def cmd_targets(args: argparse.Namespace) -> int:
         model, tok, n=config.n_templates, length=config.template_length, seed=config.seed
     )
     layer = config.layers[-1]
-    meta = {
-        "model": {"name": name, "fingerprint": model_fingerprint(model)},
-        "settings": target_settings(layer, templates, config.targets),
-        "dataset": args.dataset,
-        "split": args.split,
-    }
+    settings = target_settings(layer, templates, config.targets)
+    meta = store_meta(model, name, settings, dataset=args.dataset, split=args.split)
     try:
         store = StaticTargetStore.create(args.out, meta)
     except ValueError as exc:

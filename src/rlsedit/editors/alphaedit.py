@@ -24,7 +24,7 @@ import torch
 from rlsedit.editors.base import EditorConfig, LocateThenEditEditor, _Pending, register_editor
 from rlsedit.linalg import alphaedit_delta, nullspace_projector
 
-__all__ = ["AlphaEditConfig", "AlphaEditEditor"]
+__all__ = ["AlphaEditConfig", "AlphaEditEditor", "sigma_nullspace"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,32 @@ class AlphaEditConfig(EditorConfig):
             raise ValueError(f"nullspace_rule must be 'absolute' or 'relative', got {self.nullspace_rule!r}")
 
 
+def sigma_nullspace(
+    sigma: torch.Tensor, cfg: AlphaEditConfig, editor: str, layer: int
+) -> tuple[torch.Tensor, int]:
+    """The projector onto the null space of ``Sigma`` (``(d_k, d_k)``, float64) by ``cfg``'s threshold and
+    rule, and its dimension; logged, with a warning when it is empty (every update would be zero)."""
+    P, dim = nullspace_projector(
+        sigma.to(torch.float64), cfg.nullspace_threshold, relative=cfg.nullspace_rule == "relative"
+    )
+    log.info(
+        "%s layer %d: null space of dimension %d of %d kept (threshold %g, %s)",
+        editor,
+        layer,
+        dim,
+        P.shape[0],
+        cfg.nullspace_threshold,
+        cfg.nullspace_rule,
+    )
+    if dim == 0:
+        log.warning(
+            "%s layer %d: the null space is empty, so every update is zero; raise nullspace_threshold",
+            editor,
+            layer,
+        )
+    return P, dim
+
+
 @register_editor
 class AlphaEditEditor(LocateThenEditEditor):
     """The AlphaEdit editor (see the module docstring)."""
@@ -81,27 +107,8 @@ class AlphaEditEditor(LocateThenEditEditor):
         computed once."""
         cache = self._projectors
         if layer not in cache:
-            sigma = self.sigma_on_device(layer, keep=False).to(torch.float64)
-            cfg = self.config
-            P, dim = nullspace_projector(
-                sigma, cfg.nullspace_threshold, relative=cfg.nullspace_rule == "relative"
-            )
-            log.info(
-                "alphaedit layer %d: null space of dimension %d of %d kept (threshold %g, %s)",
-                layer,
-                dim,
-                P.shape[0],
-                cfg.nullspace_threshold,
-                cfg.nullspace_rule,
-            )
-            self.nullspace_dims[layer] = dim
-            if dim == 0:
-                log.warning(
-                    "alphaedit layer %d: the null space is empty, so every update is zero; raise "
-                    "nullspace_threshold",
-                    layer,
-                )
-            cache[layer] = P
+            sigma = self.sigma_on_device(layer, keep=False)
+            cache[layer], self.nullspace_dims[layer] = sigma_nullspace(sigma, self.config, self.name, layer)
         return cache[layer]
 
     def solve(

@@ -23,8 +23,8 @@ from typing import ClassVar
 
 import torch
 
+from rlsedit.editors.alphaedit import AlphaEditConfig, sigma_nullspace
 from rlsedit.editors.base import EditorConfig, LocateThenEditEditor, _Pending, register_editor
-from rlsedit.linalg import nullspace_projector
 
 __all__ = ["EvoEditConfig", "EvoEditEditor", "evoedit_delta", "shrink_projector"]
 
@@ -60,29 +60,18 @@ def shrink_projector(P: torch.Tensor, K: torch.Tensor, tol: float = 1e-10) -> tu
 
 
 @dataclass
-class EvoEditConfig(EditorConfig):
-    """EvoEdit settings.
+class EvoEditConfig(AlphaEditConfig):
+    """EvoEdit settings: AlphaEdit's (``alpha``, the authors' ``L2``; the initial projector's
+    ``nullspace_threshold`` and ``nullspace_rule``), and
 
     Attributes:
-        alpha: ridge of the ``u x u`` solve (the authors' ``L2``); > 0.
-        nullspace_threshold / nullspace_rule: the initial projector, as AlphaEdit's (absolute 2e-2 on the
-            per-token second moment by default).
         pk_eps: a batch with ``||P K||_F`` below this leaves the layer unchanged (the reference's 1e-3).
     """
 
-    alpha: float = 10.0
-    nullspace_threshold: float = 2e-2
-    nullspace_rule: str = "absolute"
     pk_eps: float = 1e-3
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
-        if not self.nullspace_threshold > 0:
-            raise ValueError(f"nullspace_threshold must be > 0, got {self.nullspace_threshold}")
-        if self.nullspace_rule not in ("absolute", "relative"):
-            raise ValueError(f"nullspace_rule must be 'absolute' or 'relative', got {self.nullspace_rule!r}")
         if self.pk_eps < 0:
             raise ValueError(f"pk_eps must be >= 0, got {self.pk_eps}")
 
@@ -100,13 +89,7 @@ class EvoEditEditor(LocateThenEditEditor):
     ) -> dict[str, torch.Tensor]:
         """``{"P": the null-space projector of Sigma (d_k, d_k) float64}`` on the layer's device."""
         assert sigma is not None
-        cfg = self.config
-        P, dim = nullspace_projector(
-            sigma.to(torch.float64), cfg.nullspace_threshold, relative=cfg.nullspace_rule == "relative"
-        )
-        log.info("evoedit layer %d: initial null space of dimension %d of %d", layer, dim, P.shape[0])
-        if dim == 0:
-            log.warning("evoedit layer %d: the null space is empty, so every update is zero", layer)
+        P, _ = sigma_nullspace(sigma, self.config, self.name, layer)
         return {"P": P.to(device=W0.device)}
 
     def solve(

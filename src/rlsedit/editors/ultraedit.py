@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from rlsedit.editors.base import BatchReport, EditorConfig, LocateThenEditEditor, _Pending, register_editor
-from rlsedit.editors.ft import _encode
+from rlsedit.editors.ft import _encode, _Rows
 from rlsedit.locate.targets import frozen_params
 from rlsedit.models.arch import add_delta_kv, block_name, get_arch, get_module, input_device
 from rlsedit.requests import EditRequest
@@ -191,10 +191,7 @@ class UltraEditEditor(LocateThenEditEditor):
             stack.enter_context(frozen_params(self.model))
             for layer, name in self.modules.items():
                 stack.enter_context(_captured(get_module(self.model, name), leaves[layer], inputs[layer]))
-            logits = self.model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits
-            dev = logits.device
-            picked = logits[batch.rows.to(dev), batch.pos.to(dev)].float()
-            loss = torch.nn.functional.cross_entropy(picked, batch.tok.to(dev))
+            loss = self._target_loss(batch)
             loss.backward()
         out = {}
         for layer in self.modules:
@@ -235,15 +232,16 @@ class UltraEditEditor(LocateThenEditEditor):
                 "weight_norm": float(W.detach().norm()),
             }
         report.target_nll_init = loss
-        with torch.no_grad():
-            report.target_nll_final = self._loss_after(reqs)
+        with torch.no_grad():  # on the model as edited now
+            report.target_nll_final = float(
+                self._target_loss(_encode(self.tokenizer, reqs, input_device(self.model)))
+            )
         # no target optimisation: the pass that gives keys and gradients is timed as "keys"
         return pendings, {"targets": 0.0, "keys": t1 - t0, "update": time.perf_counter() - t1}
 
-    def _loss_after(self, reqs: list[EditRequest]) -> float:
-        """The batch's mean target cross-entropy on the model as edited now."""
-        batch = _encode(self.tokenizer, reqs, input_device(self.model))
+    def _target_loss(self, batch: _Rows) -> torch.Tensor:
+        """The mean cross-entropy over ``batch``'s target tokens (a scalar; differentiable)."""
         logits = self.model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits
         dev = logits.device
         picked = logits[batch.rows.to(dev), batch.pos.to(dev)].float()
-        return float(torch.nn.functional.cross_entropy(picked, batch.tok.to(dev)))
+        return torch.nn.functional.cross_entropy(picked, batch.tok.to(dev))

@@ -114,8 +114,10 @@ def _read_chunk(
         if stub:
             assert lower is not None
             stack.enter_context(lower.stubbed(key))
+        # outputs are kept only where they are read: the module's, or the lower blocks' being kept
+        capture_output = keep or not read_input
         tr = stack.enter_context(
-            trace(model, names, capture_input=read_input, capture_output=True, stop=True)
+            trace(model, names, capture_input=read_input, capture_output=capture_output, stop=True)
         )
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     if keep:

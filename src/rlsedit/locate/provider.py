@@ -40,6 +40,7 @@ __all__ = [
     "TargetProvider",
     "fill_static_targets",
     "request_key",
+    "store_meta",
     "target_settings",
 ]
 
@@ -62,6 +63,19 @@ def target_settings(layer: int, templates: Sequence[str], config: TargetConfig) 
     """Everything besides the model and the request that a target depends on, as JSON."""
     targets = {k: v for k, v in asdict(config).items() if k not in _RUNTIME_FIELDS}
     return {"layer": int(layer), "templates": list(templates), "targets": targets}
+
+
+def store_meta(model: nn.Module, name: str, settings: Mapping[str, Any], **where: Any) -> dict[str, Any]:
+    """What a static store's ``meta.json`` says (beside its format): the unedited ``model`` (its load
+    ``name`` and fingerprint), the target ``settings`` (:func:`target_settings`) and ``where`` its cases
+    come from (e.g. ``dataset``, ``split``)."""
+    from rlsedit.models.load import model_fingerprint
+
+    return {
+        "model": {"name": name, "fingerprint": model_fingerprint(model)},
+        "settings": dict(settings),
+        **where,
+    }
 
 
 def _block_name(model: nn.Module, layer: int) -> str:
@@ -339,7 +353,7 @@ class TargetProvider:
                 except (CorruptStateError, KeyError) as exc:
                     log.warning("ignoring a corrupt cached target file %s: %s", path, exc)
         tr = compute_targets(model, tokenizer, requests, layer, templates, config)
-        if path is not None and self.cache_dir is not None:
+        if path is not None:  # (set only with a cache folder)
             if replayed:  # the recorded key's file is missing: keep the result under this state's key
                 key = self.state_key(model, weights, requests, layer, templates, config)
                 path = self.cache_dir / f"targets-{key}.safetensors"
