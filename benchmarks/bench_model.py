@@ -185,9 +185,11 @@ def bench_targets(
     device: str = "cpu",
     config: TargetConfig | None = None,
     warmup: bool = False,
+    reference: TargetConfig | None = None,
 ) -> dict[str, Any]:
     """Time ``compute_targets`` on ``requests`` with the fast (prefix-cached) and the straightforward path
-    and compare with the FLOP floor.
+    and compare with the FLOP floor; with ``reference`` (another step rule, e.g. MEMIT's 25 steps), also
+    that rule on the fast path (path ``reference``), in turn with the others.
 
     The two paths run in turn within each repeat, in alternating order (fast first in odd repeats); the
     token counts (identical in every run) are taken during the first repeat, by hooks of negligible cost.
@@ -203,7 +205,8 @@ def bench_targets(
         ``{"n_requests", "n_contexts", "layer", "params", "gflops", "paths": {"fast"|"full": {"seconds",
         "samples", "per_edit_s", "tokens", "flops", "floor_s", "mean_steps", "nll_final", "fast_path_ran",
         "prefix_seconds", "skip_layers"}}, "ratio_full_fast", "ratio_no_skip_fast", "z_rel_diff",
-        "z_rel_diff_no_skip"}`` (paths: ``fast`` with the layer skip, ``fast_no_skip``, ``full``).
+        "z_rel_diff_no_skip"}`` (paths: ``fast`` with the layer skip, ``fast_no_skip``, ``full``, and with
+        ``reference`` the path ``reference`` and ``ratio_reference_fast``).
     """
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
@@ -214,6 +217,8 @@ def bench_targets(
         "fast_no_skip": dataclasses.replace(base, fast=True, skip_layers=False),
         "full": dataclasses.replace(base, fast=False),
     }
+    if reference is not None:
+        paths["reference"] = dataclasses.replace(reference, fast=True, skip_layers=True)
     samples: dict[str, list[float]] = {p: [] for p in paths}
     counts: dict[str, TokenCounts] = {}
     results = {}
@@ -259,6 +264,8 @@ def bench_targets(
         }
     out["ratio_full_fast"] = out["paths"]["full"]["seconds"] / out["paths"]["fast"]["seconds"]
     out["ratio_no_skip_fast"] = out["paths"]["fast_no_skip"]["seconds"] / out["paths"]["fast"]["seconds"]
+    if reference is not None:
+        out["ratio_reference_fast"] = out["paths"]["reference"]["seconds"] / out["paths"]["fast"]["seconds"]
     zs = results["full"].z
     out["z_rel_diff"] = float((results["fast"].z - zs).norm() / zs.norm().clamp_min(1e-30))
     out["z_rel_diff_no_skip"] = float((results["fast_no_skip"].z - zs).norm() / zs.norm().clamp_min(1e-30))

@@ -542,10 +542,22 @@ def section_targets(ctx: Context) -> Section:
     contexts = generate_context_templates(model, tok, n=s.target_templates, length=10, seed=0)
     reqs = _requests(s.target_requests)
     from rlsedit.configs import model_defaults
-    from rlsedit.locate.targets import TargetConfig
+    from rlsedit.locate.targets import REFERENCE_STEP, TargetConfig
 
     config = TargetConfig(**model_defaults(model, "rlsedit").get("targets", {}))
-    r = bench_targets(model, tok, reqs, layer, contexts, s.target_repeats, gflops, ctx.device, config=config)
+    reference = dataclasses.replace(config, **REFERENCE_STEP)
+    r = bench_targets(
+        model,
+        tok,
+        reqs,
+        layer,
+        contexts,
+        s.target_repeats,
+        gflops,
+        ctx.device,
+        config=config,
+        reference=None if reference == config else reference,
+    )
     sec.data = r
     table = Table(
         [
@@ -569,7 +581,7 @@ def section_targets(ctx: Context) -> Section:
         t, f, fl = p["tokens"], p["flops"], p["floor_s"]
         table.rows.append(
             [
-                name
+                {"reference": "fast, MEMIT's 25-step rule"}.get(name, name)
                 + ("" if name == "full" or p["fast_path_ran"] else " (fell back to full)")
                 + (" (layer skip off)" if name == "fast" and not p.get("skip_layers", True) else ""),
                 fmt_seconds(p["seconds"]),
@@ -593,6 +605,14 @@ def section_targets(ctx: Context) -> Section:
         f"fast path: {fmt_ratio(fast['seconds'] / fast['floor_s']['standard'])} the standard FLOP floor, "
         f"{fmt_ratio(fast['seconds'] / fast['floor_s']['tight'])} the tight one",
     ]
+    if "reference" in r["paths"]:
+        ref = r["paths"]["reference"]
+        sec.summary.insert(
+            0,
+            f"new default vs 25-step: {fmt_seconds(fast['per_edit_s'])} vs {fmt_seconds(ref['per_edit_s'])} "
+            f"per edit (**{fmt_ratio(r['ratio_reference_fast'])}**; mean steps {fast['mean_steps']:.1f} vs "
+            f"{ref['mean_steps']:.1f}, both on the fast path)",
+        )
     sec.notes += [
         f"Parameters: blocks P = {pc['blocks']:,} ({pc['n_blocks']} blocks), blocks after layer {layer} "
         f"P_after = {pc['blocks_after_layer']:,}, LM head H = {pc['head']:,}.",
@@ -611,9 +631,9 @@ def section_targets(ctx: Context) -> Section:
         f"({gflops:.1f} GFLOP/s, median of {s.matmul_repeats}); the model's much smaller matmuls run "
         "slower than that, so the floor is optimistic.",
         "The paths (fast = prefix cache + layer skip, the default; fast_no_skip = prefix cache only; full = "
-        "straightforward) run in turn in each repeat, in alternating order, without an untimed warm-up; "
-        "all take the same steps (early stop per request at NLL < stop_nll); target settings are the "
-        "model's RLSEdit defaults.",
+        "straightforward; where the model's step rule is not MEMIT's, also MEMIT's 25-step rule on the fast "
+        "path) run in turn in each repeat, in alternating order, without an untimed warm-up; the first "
+        "three take the same steps; target settings are the model's RLSEdit defaults.",
     ]
     return sec
 
@@ -958,6 +978,11 @@ def main(argv: list[str] | None = None) -> int:
         scale = dataclasses.replace(scale, e2e_batches=args.e2e_batches)
     ctx = Context(args, scale, getattr(torch, args.dtype))
     info = machine_info(args.device)
+    # the machine's speed on the day (it varies ~2x from day to day): figures of different runs compare
+    # only through this probe
+    info[f"float32 matmul {scale.matmul_n}^3 (GFLOP/s, median of {scale.matmul_repeats})"] = (
+        f"{ctx.gflops():.1f}"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

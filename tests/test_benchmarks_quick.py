@@ -144,8 +144,21 @@ def test_model_benchmarks_on_a_tiny_model(tiny_model_factory) -> None:
         EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome"),
     ]
     r = bench_model.bench_targets(
-        model, tok, reqs, 1, ["", "The "], repeats=1, gflops=10.0, config=TargetConfig(steps=6, stop_nll=0.0)
+        model,
+        tok,
+        reqs,
+        1,
+        ["", "The "],
+        repeats=1,
+        gflops=10.0,
+        config=TargetConfig(steps=3, stop_nll=0.0),
+        reference=TargetConfig(steps=6, stop_nll=0.0),
     )
+    # another step rule, timed in turn: twice the steps
+    ref = r["paths"]["reference"]
+    assert ref["mean_steps"] == 6 and r["paths"]["fast"]["mean_steps"] == 3
+    assert ref["tokens"]["block_bwd"] == 2 * r["paths"]["fast"]["tokens"]["block_bwd"]
+    assert r["ratio_reference_fast"] == pytest.approx(ref["seconds"] / r["paths"]["fast"]["seconds"])
     fast, full = r["paths"]["fast"], r["paths"]["full"]
     assert fast["fast_path_ran"] and not full["fast_path_ran"]
     # the prefix cache means fewer token positions through the blocks, the same through the LM head

@@ -50,9 +50,13 @@ def _logits(model, ids: list[int], position: int, delta: torch.Tensor) -> torch.
 
 
 def memit_reference_z(
-    model, tokenizer, req: EditRequest, steps: int, stop: float
+    model, tokenizer, req: EditRequest, steps: int, stop: float, gradient_init: bool = False
 ) -> tuple[torch.Tensor, int]:
-    """The reference loop above for one request: ``(z (d_model,), optimiser steps taken)``."""
+    """The reference loop above for one request: ``(z (d_model,), optimiser steps taken)``.
+
+    ``gradient_init`` (our ``init="gradient"`` option, not MEMIT's): the first step sets
+    ``delta = -clamp_norm_factor * ||h0|| * g / ||g||`` with ``g`` the loss's gradient at ``delta = 0``; the
+    later steps are the reference's Adam steps (Adam's state starts at the second step)."""
     tgt = target_ids(tokenizer, req.target_new_text)
     prompts = []
     for ctx in CONTEXTS:
@@ -89,7 +93,13 @@ def memit_reference_z(
         if float(loss.detach()) < stop or it == steps:
             break
         loss.backward()
-        opt.step()
+        if gradient_init and it == 0:
+            with torch.no_grad():
+                g = delta.grad
+                delta.copy_(-SETTINGS["clamp_norm_factor"] * h0.norm() * g / g.norm())
+                delta.grad = None
+        else:
+            opt.step()
         taken += 1
         with torch.no_grad():
             limit = SETTINGS["clamp_norm_factor"] * h0.norm()
@@ -142,3 +152,36 @@ def test_early_stop_on_the_total_loss(model_and_tokenizer) -> None:
     assert int(by_nll.steps[0]) <= 3
     assert int(by_loss.steps[0]) == ref_steps > int(by_nll.steps[0])
     assert float((by_loss.z[0] - ref_z).norm() / ref_z.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_gradient_init_steps_to_the_clamp_along_the_gradient(model_and_tokenizer, fast: bool) -> None:
+    """``init="gradient"``: one step lands on the clamp sphere along the loss's negative gradient at 0
+    (checked against the reference loop's own gradient); later steps are the reference's Adam steps."""
+    model, tok = model_and_tokenizer
+    for steps in (1, 4):
+        ref_z, _ = memit_reference_z(model, tok, REQUEST, steps, stop=0.0, gradient_init=True)
+        cfg = TargetConfig(steps=steps, stop_nll=0.0, fast=fast, init="gradient", **SETTINGS)
+        ours = compute_targets(model, tok, [REQUEST], LAYER, CONTEXTS, cfg)
+        assert int(ours.steps[0]) == steps
+        assert float((ours.z[0] - ref_z).norm() / ref_z.norm()) < 1e-4
+        if steps == 1:
+            d = ours.z[0] - ours.h0[0]
+            assert abs(float(d.norm() / ours.h0[0].norm()) - SETTINGS["clamp_norm_factor"]) < 1e-5
+        # the default first step (Adam from zero) is another target
+        zero = compute_targets(
+            model,
+            tok,
+            [REQUEST],
+            LAYER,
+            CONTEXTS,
+            TargetConfig(steps=steps, stop_nll=0.0, fast=fast, **SETTINGS),
+        )
+        assert float((zero.z[0] - ref_z).norm() / ref_z.norm()) > 1e-3
+
+
+def test_target_config_rejects_bad_init() -> None:
+    with pytest.raises(ValueError, match="init"):
+        TargetConfig(init="newton")
+    with pytest.raises(ValueError, match="init_scale"):
+        TargetConfig(init_scale=0.0)

@@ -385,7 +385,8 @@ def fill_static_targets(
 ) -> dict[str, Any]:
     """Optimise (on ``model`` as it is: the unedited model) and keep the targets of ``requests``, whose
     positions in the store's case list are ``positions`` (consecutive), in pieces of ``piece_size``;
-    pieces already in the store are skipped, so an interrupted call resumes.
+    pieces already in the store are skipped, so an interrupted call resumes (the store is read again before
+    each piece, so that processes filling overlapping ranges side by side skip each other's pieces).
 
     Returns ``{"computed": n, "skipped": n, "seconds": s}`` (the seconds of the pieces computed now).
     """
@@ -397,7 +398,6 @@ def fill_static_targets(
         raise ValueError("one position per request is needed")
     if piece_size < 1:
         raise ValueError(f"piece_size must be >= 1, got {piece_size}")
-    done = store.done()
     computed = skipped = 0
     seconds = 0.0
     starts = range(0, len(requests), piece_size)
@@ -405,6 +405,7 @@ def fill_static_targets(
     for s in bar:
         reqs = list(requests[s : s + piece_size])
         pos = list(positions[s : s + piece_size])
+        done = store.done()
         if all(p in done for p in pos):
             skipped += len(reqs)
             continue

@@ -49,7 +49,14 @@ from rlsedit.locate.tokens import encode_text_upto, pad_id_of, pad_rows, target_
 from rlsedit.models.arch import get_arch, get_module, input_device
 from rlsedit.requests import EditRequest
 
-__all__ = ["TargetConfig", "TargetResult", "compute_targets", "frozen_params", "logits_from_hidden"]
+__all__ = [
+    "REFERENCE_STEP",
+    "TargetConfig",
+    "TargetResult",
+    "compute_targets",
+    "frozen_params",
+    "logits_from_hidden",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,21 +86,47 @@ class TargetConfig:
     weight_decay_form: str = "norm"
     #: what must fall below ``stop_nll`` for a request to stop: "loss" (MEMIT: NLL + KL + decay) or "nll"
     stop_on: str = "loss"
+    #: the first step: "zero" (MEMIT: an Adam step from d = 0) or "gradient" (d jumps to
+    #: ``init_scale * clamp_norm_factor * ||h||`` along the loss's negative gradient at d = 0, the
+    #: steepest descent direction at the clamp's length; later steps are Adam's)
+    init: str = "zero"
+    init_scale: float = 1.0
+    #: generated context templates the loss uses besides the bare prompt: -1 all of them (MEMIT), k the
+    #: first k (a step costs about proportionally to the prompts it runs; the keys still use all)
+    n_contexts: int = -1
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.steps < 1 or self.chunk_rows < 1:
             raise ValueError("lr must be > 0, steps >= 1 and chunk_rows >= 1")
         if self.kl_factor < 0 or self.weight_decay < 0 or self.clamp_norm_factor <= 0 or self.stop_nll < 0:
             raise ValueError("kl_factor, weight_decay, stop_nll must be >= 0 and clamp_norm_factor > 0")
+        if self.n_contexts < -1:
+            raise ValueError(f"n_contexts must be -1 (all) or >= 0, got {self.n_contexts}")
+        if not 0 < self.init_scale <= 1:
+            raise ValueError(f"init_scale must be in (0, 1], got {self.init_scale}")
         if self.kl_prompt.count("{}") != 1:
             raise ValueError("kl_prompt must hold exactly one '{}' for the subject")
         for name, allowed in (
             ("kl_form", ("reference", "after_prompt")),
             ("weight_decay_form", ("norm", "squared")),
             ("stop_on", ("loss", "nll")),
+            ("init", ("zero", "gradient")),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+
+#: MEMIT's step rule (``compute_z``): up to 25 Adam steps at lr 0.5 from ``d = 0`` over every context
+#: template, stopping on the total loss < 0.05. Overrides of a :class:`TargetConfig` (its loss terms are
+#: kept); the class defaults are this rule, SmolLM2's defaults a cheaper one (see its config file).
+REFERENCE_STEP: dict[str, object] = {
+    "lr": 0.5,
+    "steps": 25,
+    "stop_on": "loss",
+    "stop_nll": 0.05,
+    "init": "zero",
+    "n_contexts": -1,
+}
 
 
 @dataclass
@@ -772,7 +805,7 @@ def compute_targets(
 
     Args:
         layer: index of the last edited block; the delta is added to its MLP output projection's output.
-        contexts: context templates (the first is normally ``""``).
+        contexts: context templates (the first must be ``""``); ``config.n_contexts`` may use fewer.
     Returns:
         :class:`TargetResult` with ``z`` of shape ``(u, d_model)``; ``extra["fast"]`` says whether the
         prefix-cache path ran.
@@ -793,6 +826,8 @@ def compute_targets(
     u = len(requests)
     if not contexts or contexts[0] != "":
         raise ValueError('contexts must start with "" (the bare prompt)')
+    if cfg.n_contexts >= 0:
+        contexts = contexts[: 1 + cfg.n_contexts]
     per_req = _build_rows(
         tokenizer, requests, contexts, cfg.kl_prompt, kl_at_subject=cfg.kl_form == "reference"
     )
@@ -863,7 +898,13 @@ def compute_targets(
             frozen = torch.ones(u, dtype=torch.bool)
             frozen[still] = False
             keep = delta.detach()[frozen].clone()
-            opt.step()
+            if step == 0 and cfg.init == "gradient":
+                with torch.no_grad():  # to the clamp's length along -grad (the optimiser has not stepped)
+                    g = delta.grad
+                    length = cfg.init_scale * cfg.clamp_norm_factor * h0.norm(dim=1, keepdim=True)
+                    delta.copy_(-g * length / g.norm(dim=1, keepdim=True).clamp_min(1e-30))
+            else:
+                opt.step()
             with torch.no_grad():
                 delta[frozen] = keep
                 limit = cfg.clamp_norm_factor * h0.norm(dim=1)
