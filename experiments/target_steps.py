@@ -2,8 +2,9 @@
 
 For ``--edits`` requests of a split (default: the tune split, apart from every reported stream) it
 optimises the targets once per candidate (``--cand NAME=JSON``: overrides of the default method's target
-settings, plus ``n_templates`` and ``template_length``: the context templates) and reports seconds per edit, mean steps, the final NLL of the new object (mean over the context
-templates), the share of deltas at the clamp's length and the cosine of each delta to the reference
+settings, plus ``n_templates`` and ``template_length``: the context templates) and reports seconds per
+edit, mean steps, the final NLL of the new object (mean over the context templates), the share of deltas
+at the clamp's length and the cosine of each delta to the reference
 candidate's (the first). Quality after a stream is measured apart (static-target streams, FRONTIER.md);
 this only says which candidates are worth one.
 
@@ -17,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import sys
 import time
 
 import torch
@@ -76,15 +78,17 @@ def main() -> None:
     meta = {"split": args.split, "offset": args.offset, "edits": args.edits, "layer": layer}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print(
-        f"| candidate | s/edit | steps | NLL mean | NLL median | NLL max | at clamp | cos to {rows[0]['name']} |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    lines = [
+        "| candidate | s/edit | steps | NLL mean | NLL median | NLL max | at clamp | cos to first |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        print(
+        lines.append(
             f"| {r['name']} | {r['s_per_edit']:.2f} | {r['mean_steps']:.1f} | {r['nll_final_mean']:.3f} | "
-            f"{r['nll_final_median']:.3f} | {r['nll_final_max']:.3f} | {r['at_clamp']:.2f} | {r['cos_to_first']:.3f} |"
+            f"{r['nll_final_median']:.3f} | {r['nll_final_max']:.3f} | {r['at_clamp']:.2f} | "
+            f"{r['cos_to_first']:.3f} |"
         )
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
