@@ -101,6 +101,8 @@ def test_editor_reads_static_targets_without_optimising(
         ({"kl_factor": 0.5}, "target setting kl_factor"),
         ({"weight_decay_form": "squared"}, "target setting weight_decay_form"),
         ({"n_templates": 2}, "context templates"),
+        ({"n_contexts": 1}, "target setting n_contexts"),
+        ({"init": "gradient"}, "target setting init"),
     ],
 )
 def test_a_store_of_other_settings_is_refused(
@@ -112,6 +114,25 @@ def test_a_store_of_other_settings_is_refused(
     assert named in str(err.value)
     # the runtime knobs (how, not what) do not matter
     _editor(model_dir, chunk_rows=7, fast=False).use_targets(TargetProvider(static=store_dir))
+
+
+def test_a_store_older_than_an_option_reads_as_its_default(
+    store_dir: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    """A store made before a target option existed has no entry for it: it was made with the option's
+    default (options keep the earlier behaviour by default), so it fits an editor at the default and not
+    one that sets it."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(store_dir, old)
+    meta = json.loads((old / "meta.json").read_text())
+    for k in ("init", "init_scale", "n_contexts"):
+        del meta["settings"]["targets"][k]
+    (old / "meta.json").write_text(json.dumps(meta))
+    _editor(model_dir).use_targets(TargetProvider(static=old))
+    with pytest.raises(ValueError, match="target setting n_contexts"):
+        _editor(model_dir, n_contexts=1).use_targets(TargetProvider(static=old))
 
 
 def test_another_model_and_missing_requests_are_refused(

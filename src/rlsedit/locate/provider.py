@@ -208,7 +208,10 @@ class StaticTargetStore:
             )
         if stored.get("templates") != settings["templates"]:
             problems.append("the context templates")
-        theirs, ours = stored.get("targets", {}), settings["targets"]
+        # a target option added after the store was made is absent from its meta: the store was made
+        # with the option's default (options are added with defaults that keep the earlier behaviour)
+        added = {k: v for k, v in asdict(TargetConfig()).items() if k not in _RUNTIME_FIELDS}
+        theirs, ours = {**added, **stored.get("targets", {})}, settings["targets"]
         for k in sorted(set(theirs) | set(ours)):
             if theirs.get(k) != ours.get(k):
                 problems.append(f"target setting {k} (store {theirs.get(k)!r}, editor {ours.get(k)!r})")
