@@ -185,3 +185,18 @@ def test_target_config_rejects_bad_init() -> None:
         TargetConfig(init="newton")
     with pytest.raises(ValueError, match="init_scale"):
         TargetConfig(init_scale=0.0)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_n_contexts_uses_the_first_templates_only(model_and_tokenizer, fast: bool) -> None:
+    """``n_contexts=k``: the loss runs the bare prompt and the first k generated contexts, exactly as if
+    only those were given; -1 runs all of them."""
+    model, tok = model_and_tokenizer
+    cfg = {"steps": 3, "stop_nll": 0.0, "fast": fast, **SETTINGS}
+    fewer = compute_targets(model, tok, [REQUEST], LAYER, CONTEXTS, TargetConfig(n_contexts=1, **cfg))
+    given = compute_targets(model, tok, [REQUEST], LAYER, CONTEXTS[:2], TargetConfig(**cfg))
+    torch.testing.assert_close(fewer.z, given.z)
+    every = compute_targets(model, tok, [REQUEST], LAYER, CONTEXTS, TargetConfig(n_contexts=-1, **cfg))
+    assert float((every.z - fewer.z).norm() / every.z.norm()) > 1e-4
+    with pytest.raises(ValueError, match="n_contexts"):
+        TargetConfig(n_contexts=-2)
