@@ -38,6 +38,13 @@ def _overrides(items: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
+def _generation_metrics(dataset: str | None) -> bool:
+    """Whether fluency and consistency are measured on ``dataset``'s cases."""
+    from rlsedit.tasks import get_task
+
+    return dataset is not None and get_task(dataset).generation_metrics
+
+
 def _positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
@@ -483,7 +490,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         eval_every=args.eval_every,
         overrides=_overrides(args.set),
-        fluency=args.fluency if args.dataset == "counterfact" else 0,
+        fluency=args.fluency if _generation_metrics(args.dataset) else 0,
         capability=_capability_config(args),
         consistency_dir=args.consistency_dir,
         checkpoint_cases=args.checkpoint_cases,
@@ -547,7 +554,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         split=args.split,
         offset=args.offset,
         limit=args.limit,
-        fluency=args.fluency if args.dataset == "counterfact" else 0,
+        fluency=args.fluency if _generation_metrics(args.dataset) else 0,
         consistency_dir=args.consistency_dir,
         capability=_capability_config(args),
         objective=args.objective,
@@ -608,6 +615,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rlsedit.tasks import task_names
+
     p = argparse.ArgumentParser(prog="rlsedit", description="Lifelong knowledge editing of language models.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -665,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(rn)
     rn.add_argument("--method", default="rlsedit")
-    rn.add_argument("--dataset", default="counterfact", choices=["counterfact", "zsre"])
+    rn.add_argument("--dataset", default="counterfact", choices=task_names())
     rn.add_argument(
         "--split",
         default="test",
@@ -727,7 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(tg)
     tg.add_argument("--method", default="rlsedit", help="whose settings (last layer, target settings)")
-    tg.add_argument("--dataset", default="counterfact", choices=["counterfact", "zsre"])
+    tg.add_argument("--dataset", default="counterfact", choices=task_names())
     tg.add_argument("--split", default="test", choices=["test", "tune", "sweep"])
     tg.add_argument("--edits", type=_positive_int, required=True)
     tg.add_argument("--offset", type=int, default=0, help="skip this many cases of the split first")
@@ -745,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="run directory of `rlsedit edit`, or an experiment folder of `rlsedit run`",
     )
-    ev.add_argument("--dataset", default=None, choices=["counterfact", "zsre"], help="edit cases to score")
+    ev.add_argument("--dataset", default=None, choices=task_names(), help="edit cases to score")
     ev.add_argument("--split", default="test", choices=["test", "tune", "all"], help="with --limit")
     ev.add_argument("--offset", type=int, default=0, help="with --limit: skip this many cases first")
     ev.add_argument(

@@ -40,11 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from rlsedit.compare import diff_values, relative_difference
-from rlsedit.datasets import CounterFactCase, ZsreCase, load_counterfact, load_zsre, superseded_cases
-from rlsedit.eval.counterfact import score_counterfact, summarize_counterfact
-from rlsedit.eval.zsre import score_zsre, summarize_zsre
+from rlsedit.datasets import CounterFactCase, ZsreCase, superseded_cases
 from rlsedit.memory import max_rss_bytes, rss_bytes
 from rlsedit.store import RunStore, atomic_write_bytes, load_json, save_json
+from rlsedit.tasks import get_task, task_names
 
 __all__ = [
     "DATASETS",
@@ -56,8 +55,8 @@ __all__ = [
     "unedited_records",
 ]
 
-#: Datasets an experiment can stream.
-DATASETS = ("counterfact", "zsre")
+#: Datasets an experiment can stream (the registered tasks, :mod:`rlsedit.tasks`).
+DATASETS = task_names()
 #: Spec fields added after the first spec format, with the value an older spec.json stands for.
 _LATER_FIELDS: dict[str, Any] = {
     "fluency": 100,
@@ -125,10 +124,7 @@ class ExperimentSpec:
 
         # an unknown method or option is refused here, before a folder is written or the model loaded
         check_option_names(editor_class(self.method).config_class, self.overrides)
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset {self.dataset!r} is not supported (valid: {', '.join(DATASETS)})")
-        if self.dataset == "zsre" and self.split != "test":
-            raise ValueError("zsRE has no tune split: use split 'test' (all valid cases)")
+        get_task(self.dataset).check_split(self.split)
         if self.edits < 1 or self.batch_size < 1 or self.eval_every < 0 or self.offset < 0:
             raise ValueError("edits >= 1, batch_size >= 1, eval_every >= 0 and offset >= 0 are required")
         if self.fluency < 0:
@@ -137,10 +133,10 @@ class ExperimentSpec:
             raise ValueError("checkpoint_cases must be >= 0 (0: every edited case)")
         if self.targets not in TARGET_PROTOCOLS:
             raise ValueError(f"targets must be one of {TARGET_PROTOCOLS}, got {self.targets!r}")
-        if self.dataset != "counterfact":
-            self.fluency = 0  # fluency and consistency are CounterFact metrics
+        if not get_task(self.dataset).generation_metrics:
+            self.fluency = 0  # fluency and consistency are measured where the task has them
             if self.consistency_dir is not None:
-                raise ValueError("consistency_dir is for CounterFact only")
+                raise ValueError(f"consistency_dir is not for {get_task(self.dataset).label}")
         if self.capability is not None:
             self.capability = CapabilityConfig(**self.capability).to_dict()
 
@@ -157,10 +153,7 @@ Case = CounterFactCase | ZsreCase
 
 
 def _cases(spec: ExperimentSpec) -> list[Case]:
-    if spec.dataset == "zsre":
-        cases: list[Case] = list(load_zsre()[spec.offset : spec.offset + spec.edits])
-    else:
-        cases = list(load_counterfact(split=spec.split, limit=spec.offset + spec.edits)[spec.offset :])
+    cases: list[Case] = get_task(spec.dataset).cases(spec.split, spec.offset, spec.edits)
     if len(cases) < spec.edits:
         raise ValueError(
             f"{spec.dataset} ({spec.split}) has only {len(cases)} cases after offset {spec.offset}"
@@ -291,12 +284,12 @@ def summarize_cases(dataset: str, records: list[dict[str, Any]], exclude: Any = 
 
 
 def _summarize(dataset: str, records: list[dict[str, Any]], exclude: Any = ()) -> dict[str, Any]:
-    return (summarize_zsre if dataset == "zsre" else summarize_counterfact)(records, exclude)
+    return get_task(dataset).summarize(records, exclude)
 
 
 def _records(model, tok, cases: list[Case], dataset: str) -> list[dict[str, Any]]:
     """Per-case scores of ``model`` on ``cases`` (the dataset's scorer)."""
-    return score_zsre(model, tok, cases) if dataset == "zsre" else score_counterfact(model, tok, cases)
+    return get_task(dataset).score(model, tok, cases)
 
 
 def _score(model, tok, cases: list[Case], exclude: set, dataset: str = "counterfact") -> dict[str, Any]:
@@ -930,11 +923,7 @@ def _run_cases(editor: Any, dataset: str) -> tuple[list[Case], set]:
     """The dataset cases edited in ``editor``'s run (matched by the requests' ``case_id``, in run order)
     and the case ids to leave out of summaries: superseded by a later request of the run, or whose last
     request is no longer active (retracted)."""
-    pool: dict[Any, Case]
-    if dataset == "zsre":
-        pool = {c.case_id: c for c in load_zsre()}
-    else:
-        pool = {c.case_id: c for c in load_counterfact(split="all")}
+    pool: dict[Any, Case] = {c.case_id: c for c in get_task(dataset).every_case()}
     order: list[Any] = []
     last_active: dict[Any, bool] = {}
     for b in editor.batches:
@@ -993,9 +982,8 @@ def evaluate_run(
     from rlsedit.editors import load_editor
     from rlsedit.models.arch import get_module, weight_kv
 
-    if dataset is not None and dataset not in DATASETS:
-        raise ValueError(f"dataset {dataset!r} is not supported (valid: {', '.join(DATASETS)})")
-    if fluency and dataset != "counterfact":
+    task = None if dataset is None else get_task(dataset)
+    if fluency and (task is None or not task.generation_metrics):
         raise ValueError("fluency is measured on CounterFact cases: pass dataset='counterfact'")
     editor = load_editor(run, model, tokenizer, attach=False)
     out: dict[str, Any] = {
@@ -1020,10 +1008,8 @@ def evaluate_run(
                 w.copy_(editor.W0[layer].to(device=w.device, dtype=w.dtype))
     if dataset is not None:
         if limit is not None:
-            if dataset == "zsre":
-                cases: list[Case] = list(load_zsre()[offset : offset + limit])
-            else:
-                cases = list(load_counterfact(split=split, limit=offset + limit)[offset:])
+            assert task is not None
+            cases: list[Case] = task.cases(split, offset, limit)
             exclude: set = set()
         else:
             cases, exclude = _run_cases(editor, dataset)
