@@ -13,6 +13,16 @@ from rlsedit.editors import EditReport, list_editors, load_editor, make_editor, 
 from rlsedit.models.load import load_model
 from rlsedit.requests import EditRequest, RequestError, read_requests_jsonl
 
+
+def load_cases(path: str) -> list:
+    """The edit cases of a file of KnowEdit-style (EasyEdit) records, validated (what ``rlsedit run
+    --dataset FILE`` streams): a list of :class:`rlsedit.tasks.knowedit.KnowEditCase`, each with its
+    ``request`` and the prompts that evaluate it. Raises :class:`RequestError` naming the record and field."""
+    from rlsedit.tasks.knowedit import read_cases
+
+    return read_cases(path)
+
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -20,6 +30,7 @@ __all__ = [
     "EditRequest",
     "RequestError",
     "list_editors",
+    "load_cases",
     "load_editor",
     "load_model",
     "make_editor",

@@ -674,7 +674,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(rn)
     rn.add_argument("--method", default="rlsedit")
-    rn.add_argument("--dataset", default="counterfact", choices=task_names())
+    rn.add_argument(
+        "--dataset",
+        default="counterfact",
+        help=f"{', '.join(task_names())}, or a file of KnowEdit-style records (JSON array or JSON Lines)",
+    )
     rn.add_argument(
         "--split",
         default="test",
@@ -736,7 +740,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(tg)
     tg.add_argument("--method", default="rlsedit", help="whose settings (last layer, target settings)")
-    tg.add_argument("--dataset", default="counterfact", choices=task_names())
+    tg.add_argument(
+        "--dataset",
+        default="counterfact",
+        help=f"{', '.join(task_names())}, or a file of KnowEdit-style records (JSON array or JSON Lines)",
+    )
     tg.add_argument("--split", default="test", choices=["test", "tune", "sweep"])
     tg.add_argument("--edits", type=_positive_int, required=True)
     tg.add_argument("--offset", type=int, default=0, help="skip this many cases of the split first")
@@ -754,7 +762,11 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="run directory of `rlsedit edit`, or an experiment folder of `rlsedit run`",
     )
-    ev.add_argument("--dataset", default=None, choices=task_names(), help="edit cases to score")
+    ev.add_argument(
+        "--dataset",
+        default=None,
+        help=f"edit cases to score: {', '.join(task_names())}, or a file of KnowEdit-style records",
+    )
     ev.add_argument("--split", default="test", choices=["test", "tune", "all"], help="with --limit")
     ev.add_argument("--offset", type=int, default=0, help="with --limit: skip this many cases first")
     ev.add_argument(

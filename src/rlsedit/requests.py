@@ -46,7 +46,15 @@ MAX_FIELD_CHARS = 500
 PLACEHOLDER = "{}"
 
 _OUR_FIELDS = ("prompt", "subject", "target_new", "target_true", "case_id")
-_COMPACT_MARKERS = ("ground_truth", "rephrase_prompt", "locality_prompt", "locality_ground_truth")
+_COMPACT_MARKERS = (
+    "ground_truth",
+    "rephrase_prompt",
+    "rephrase",
+    "locality_prompt",
+    "locality_ground_truth",
+    "locality",
+    "portability",
+)
 _NAME_LIMIT = 60  # longest field name quoted in a message
 
 
@@ -299,18 +307,38 @@ def _parse_ours(obj: Mapping[Any, Any]) -> EditRequest:
     )
 
 
+def first_answer(value: object, field: str) -> object:
+    """KnowEdit-style answers: a list (of strings, or of alias lists) stands for its first non-blank
+    string; anything else is returned as given (and checked where it is used). RequestError for a list
+    without one."""
+    if not isinstance(value, list):
+        return value
+    for item in value:
+        if isinstance(item, str) and item.strip():
+            return item
+        if isinstance(item, list):
+            try:
+                return first_answer(item, field)
+            except RequestError:
+                continue
+    raise RequestError("a list of answers must hold a non-blank string", field=field)
+
+
 def _parse_compact(obj: Mapping[Any, Any]) -> EditRequest:
     if "ground_truth" in obj and "target_true" in obj:
         raise RequestError("give either 'ground_truth' or 'target_true', not both", field="target_true")
     if "ground_truth" in obj:
-        target_true, names = obj["ground_truth"], {"target_true": "ground_truth"}
+        target_true, names = (
+            first_answer(obj["ground_truth"], "ground_truth"),
+            {"target_true": "ground_truth"},
+        )
     else:
         target_true, names = obj.get("target_true"), {}
     return _build(
         names,
         prompt=_required(obj, "prompt"),
         subject=_required(obj, "subject"),
-        target_new=_required(obj, "target_new"),
+        target_new=first_answer(_required(obj, "target_new"), "target_new"),
         target_true=target_true,
         case_id=obj.get("case_id"),
     )
@@ -349,9 +377,11 @@ def parse_request(
     - ROME's form, recognised by ``requested_rewrite``: ``{"case_id", "requested_rewrite": {"prompt",
       "subject", "target_new": {"str"}, "target_true": {"str"}}}``; other top-level fields (paraphrase
       prompts etc.) are ignored.
-    - The compact CounterFact (MEND/EasyEdit) form, recognised by any of ``ground_truth``,
-      ``rephrase_prompt``, ``locality_prompt``, ``locality_ground_truth``: ``ground_truth`` is the true
-      target; the other extra fields are ignored.
+    - The compact CounterFact (MEND/EasyEdit) form and KnowEdit's records, recognised by any of
+      ``ground_truth``, ``rephrase_prompt``, ``rephrase``, ``locality_prompt``, ``locality_ground_truth``,
+      ``locality``, ``portability``: ``ground_truth`` is the true target; ``target_new`` and
+      ``ground_truth`` may be lists of answers (the first non-blank string counts); the other extra
+      fields are ignored here (:func:`rlsedit.load_cases` reads and validates them).
     - Otherwise our form, ``{"prompt", "subject", "target_new", "target_true"?, "case_id"?}``, strictly:
       an unknown field is an error.
 

@@ -67,11 +67,19 @@ def register_task(task: Task) -> Task:
 
 
 def get_task(name: str) -> Task:
-    """The task registered as ``name`` (ValueError naming the valid ones otherwise)."""
-    try:
+    """The task registered as ``name``, or, where ``name`` is a file, the task of its KnowEdit-style
+    records (:mod:`rlsedit.tasks.knowedit`); ValueError naming the valid ones otherwise."""
+    if name in _TASKS:
         return _TASKS[name]
-    except KeyError:
-        raise ValueError(f"dataset {name!r} is not supported (valid: {', '.join(_TASKS)})") from None
+    from pathlib import Path
+
+    if Path(name).is_file():
+        from rlsedit.tasks.knowedit import file_task
+
+        return file_task(name)
+    if name.endswith((".json", ".jsonl")) or "/" in name:
+        raise ValueError(f"dataset file {name!r} not found")
+    raise ValueError(f"dataset {name!r} is not supported (valid: {', '.join(_TASKS)}, or a file of records)")
 
 
 def task_names() -> tuple[str, ...]:
