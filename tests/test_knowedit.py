@@ -11,6 +11,7 @@ import pytest
 import rlsedit
 from rlsedit import cli
 from rlsedit.experiment import ExperimentSpec, run_experiment
+from rlsedit.report import load_results, results_table
 from rlsedit.requests import RequestError, parse_request, read_requests_jsonl
 from rlsedit.tasks import get_task
 from rlsedit.tasks.knowedit import score_knowedit, summarize_knowedit
@@ -173,6 +174,8 @@ def test_run_streams_a_records_file(records_file: Path, model_dir: Path, tmp_pat
     for part in ("pre", "post"):
         assert {"efficacy", "portability", "specificity", "portability/Reasoning"} <= set(res[part])
     assert res["edits"] == 3 and res["spec"]["fluency"] == 0
+    table = results_table([load_results(tmp_path / "run")])
+    assert " portability |" in table.splitlines()[0]
     argv = ["run", "--model", str(model_dir), "--edits", "1", "--out", str(tmp_path / "x")]
     assert cli.main([*argv, "--dataset", str(tmp_path / "missing.json")]) != 0
     assert not (tmp_path / "x").exists()

@@ -94,6 +94,8 @@ def results_table(results: Sequence[dict[str, Any]], label_keys: Sequence[str] =
 
     ``label_keys``: config keys shown as extra columns (e.g. ``mu``, ``layers``).
     """
+    # portability (KnowEdit-style records) where a run has it
+    extra = ["portability"] if any(r.get("post", {}).get("portability") is not None for r in results) else []
     head = [
         "run",
         "method",
@@ -101,6 +103,7 @@ def results_table(results: Sequence[dict[str, Any]], label_keys: Sequence[str] =
         "targets",
         *label_keys,
         *_METRICS,
+        *extra,
         "fluency",
         "s/edit",
         *_TIMES[1:],
@@ -115,7 +118,7 @@ def results_table(results: Sequence[dict[str, Any]], label_keys: Sequence[str] =
             seen_pre.add(pre_key)
             pre = r["pre"]
             row = ["unedited", "-", str(r["edits"]), "-", *["" for _ in label_keys]]
-            row += [_cell(pre.get(m)) for m in (*_METRICS, "fluency")] + ["-"] * len(_TIMES)
+            row += [_cell(pre.get(m)) for m in (*_METRICS, *extra, "fluency")] + ["-"] * len(_TIMES)
             lines.append("| " + " | ".join(row) + " |")
     for r in results:
         post = r["post"]
@@ -129,7 +132,7 @@ def results_table(results: Sequence[dict[str, Any]], label_keys: Sequence[str] =
             edits += f" (in progress: {r['edits_applied']} of {r['spec']['edits']} applied)"
         protocol = r["spec"].get("targets", "dynamic")
         row = [Path(r["_dir"]).name, r["spec"]["method"], edits, protocol, *labels]
-        row += [_cell(post.get(m)) for m in (*_METRICS, "fluency")]
+        row += [_cell(post.get(m)) for m in (*_METRICS, *extra, "fluency")]
         row += [_cell(per.get(k), 2) for k in _TIMES]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
