@@ -42,6 +42,7 @@ from typing import Any
 from rlsedit.compare import diff_values, relative_difference
 from rlsedit.datasets import CounterFactCase, ZsreCase, superseded_cases
 from rlsedit.memory import max_rss_bytes, rss_bytes
+from rlsedit.runs import load_checkpoints, load_results, timing_sums
 from rlsedit.store import RunStore, atomic_write_bytes, load_json, save_json
 from rlsedit.tasks import get_task, task_names
 
@@ -388,23 +389,6 @@ def _generation_at(
     return res
 
 
-def load_checkpoints(out: str | Path) -> list[dict[str, Any]]:
-    """The checkpoints of experiment folder ``out`` (``checkpoints/N.json``) in order of edits. Where the
-    stream was also generated from at that point (``generation/N.json``), its summary (fluency,
-    consistency, ``generation_n``) is merged into the checkpoint's ``summary`` and kept whole under
-    ``"generation"``."""
-    out = Path(out)
-    cks = []
-    for p in sorted((out / "checkpoints").glob("[0-9]*.json")):
-        ck = load_json(p)
-        gen = out / "generation" / p.name
-        if gen.exists():
-            g = load_json(gen)["summary"]
-            ck = {**ck, "summary": {**ck["summary"], **g}, "generation": g}
-        cks.append(ck)
-    return cks
-
-
 def _capability(model, tok, config: dict[str, Any]) -> dict[str, Any]:
     from rlsedit.eval.capability import evaluate_capability
 
@@ -419,29 +403,6 @@ def _objective(editor: Any) -> dict[str, Any] | None:
     if not isinstance(editor, RLSEditor):
         return None
     return {str(layer): terms for layer, terms in objective_terms(editor).items()}
-
-
-def batch_targets_cached(batch: dict[str, Any]) -> bool:
-    """Whether a batch report's targets came from a ``--targets-cache``. Reports written before batches
-    carried ``targets_cached`` count as cached when they show under 0.5 s of target optimisation (a
-    batch's optimisation takes minutes)."""
-    return bool(batch.get("targets_cached", float(batch.get("timings", {}).get("targets", 0.0)) < 0.5))
-
-
-def timing_sums(
-    batches: list[dict[str, Any]], skip_cached_targets: bool = False
-) -> tuple[dict[str, float], int]:
-    """Summed ``timings`` of batch reports and the number of requests they cover (optionally leaving out
-    batches whose targets were read from a cache)."""
-    sums: dict[str, float] = {}
-    n = 0
-    for b in batches:
-        if skip_cached_targets and batch_targets_cached(b):
-            continue
-        n += int(b["n_requests"])
-        for key, v in b.get("timings", {}).items():
-            sums[key] = sums.get(key, 0.0) + float(v)
-    return sums, n
 
 
 #: Default relative tolerance of a replayed batch's report against its record (a replay on the same
@@ -608,7 +569,7 @@ def run_experiment(
 
     ``stop_after``: stop once this many edits are applied (and their checkpoint, if one falls there, is
     scored), leaving the run resumable; no final scoring is done, and the returned dict is then what
-    :func:`rlsedit.report.load_results` assembles of a run in progress (``"partial": True``, ``"post"`` the
+    :func:`rlsedit.runs.load_results` assembles of a run in progress (``"partial": True``, ``"post"`` the
     last checkpoint's summary, ``"edits"`` its edits) plus ``"stopped_after"``, the edits applied. A
     stream that is already further along is not rolled back: the call just stops before applying
     anything more.
@@ -807,8 +768,6 @@ def run_experiment(
             len(cases),
             len(editor.batches),
         )
-        from rlsedit.report import load_results
-
         return {**load_results(out, partial=True), "stopped_after": done}
 
     key = _state_key(editor)

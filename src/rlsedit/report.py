@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rlsedit.store import atomic_write_bytes, load_json
+from rlsedit.runs import load_results, timing_sums
+from rlsedit.store import atomic_write_bytes
 
 __all__ = ["load_results", "results_table", "write_report"]
 
@@ -18,59 +19,6 @@ _METRICS = ("efficacy", "generalization", "specificity")
 _TIMES = ("total", "targets", "keys", "update", "finetune")
 
 
-def load_results(run: str | Path, partial: bool = False) -> dict[str, Any]:
-    """``results.json`` of an experiment folder.
-
-    A run that has not finished has none: that is an error, unless ``partial``, in which case what the
-    folder holds so far is assembled (spec, batch reports, checkpoints, capability checkpoints, pre-edit
-    scores if computed) with ``"partial": True``, ``"edits"`` = the last checkpoint's edits (its summary
-    is ``"post"``) and ``"edits_applied"`` = the edits applied so far.
-    """
-    from rlsedit.experiment import load_checkpoints
-
-    run = Path(run)
-    path = run / "results.json"
-    if path.exists():
-        res = load_json(path)
-        res["_dir"] = str(run)
-        return res
-    if not (run / "spec.json").exists():
-        raise FileNotFoundError(f"{run}: no results.json and no spec.json: not a folder of `rlsedit run`")
-    if not partial:
-        raise FileNotFoundError(
-            f"{run}: no results.json: the run has not finished (report it as far as it got with --partial)"
-        )
-    spec = load_json(run / "spec.json")
-    batches = load_json(run / "batches.json") if (run / "batches.json").exists() else []
-    cks = load_checkpoints(run)
-    cap_dir = run / "capability"
-    capability = None
-    if (cap_dir / "pre.json").exists():
-        capability = {
-            "pre": load_json(cap_dir / "pre.json"),
-            "checkpoints": [load_json(p) for p in sorted(cap_dir.glob("[0-9]*.json"))],
-        }
-    pre = load_json(run / "pre.json")["summary"] if (run / "pre.json").exists() else {}
-    gen_pre = run / "generation" / "pre.json"
-    if gen_pre.exists():  # the unedited model's fluency, even before its case scores exist
-        pre = {**pre, **load_json(gen_pre)["summary"]}
-    invocations = load_json(run / "invocations.json") if (run / "invocations.json").exists() else []
-    return {
-        "spec": spec,
-        "command": invocations[0] if invocations else None,
-        "config": {},
-        "edits": cks[-1]["edits"] if cks else 0,
-        "edits_applied": batches[-1]["edits_after"] if batches else 0,
-        "pre": pre,
-        "post": cks[-1]["summary"] if cks else {},
-        "checkpoints": cks,
-        "capability": capability,
-        "batches": batches,
-        "partial": True,
-        "_dir": str(run),
-    }
-
-
 def _cell(v: Any, digits: int = 1) -> str:
     return "-" if v is None else f"{float(v):.{digits}f}"
 
@@ -79,8 +27,6 @@ def _per_edit_computed(result: dict[str, Any]) -> dict[str, float]:
     """Seconds per edit over the batches whose targets were optimised in the run (not read from a
     ``--targets-cache``), or over every batch of a static-target run (reading them is its protocol); see
     :func:`rlsedit.experiment.timing_sums`."""
-    from rlsedit.experiment import timing_sums
-
     dynamic = result.get("spec", {}).get("targets", "dynamic") == "dynamic"
     sums, n = timing_sums(result.get("batches", []), skip_cached_targets=dynamic)
     if not n:
