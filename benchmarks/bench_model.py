@@ -286,9 +286,14 @@ def bench_end_to_end(
     sigmas: dict[int, torch.Tensor] | None = None,
     stats_dir: str | None = None,
     static: bool = False,
+    reference: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Apply ``requests`` with the RLSEdit editor in batches of ``batch_size``; report the editor's own
     per-batch timings (targets, keys, update, total) per edit and the peak RSS over the stream.
+
+    ``reference``: editor options of another target step (e.g. MEMIT's 25 steps,
+    :data:`rlsedit.locate.targets.REFERENCE_STEP`): then, side by side, the same stream with them
+    (``reference`` in the result: its batches and per-edit medians).
 
     ``static``: then, side by side, the same stream with static targets (each request's target optimised
     once on the unedited model into a :class:`rlsedit.locate.provider.StaticTargetStore`, not timed per
@@ -333,6 +338,23 @@ def bench_end_to_end(
         return out
 
     batches = per_batch(report)
+    reference_result = None
+    if reference is not None:
+        ref_editor = make_editor(
+            "rlsedit", model, tokenizer, sigmas=sigmas, stats_dir=stats_dir, **overrides, **reference
+        )
+        try:
+            ref_report = ref_editor.edit(list(requests), batch_size=batch_size)
+        finally:
+            with torch.no_grad():
+                for layer, name in ref_editor.modules.items():
+                    weight_kv(get_module(model, name)).copy_(ref_editor.W0[layer])
+        rb = per_batch(ref_report)
+        reference_result = {
+            "overrides": dict(reference),
+            "batches": rb,
+            "per_edit_median": {k: median([b["per_edit"][k] for b in rb]) for k in keys},
+        }
     static_result = None
     if static:
         import tempfile
@@ -393,6 +415,7 @@ def bench_end_to_end(
             "lifetime_peak": max_rss_bytes(),
         },
         "static": static_result,
+        "reference": reference_result,
     }
 
 

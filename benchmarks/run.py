@@ -658,6 +658,11 @@ def section_end_to_end(ctx: Context) -> Section:
         )
         sigmas = {layer: sm[name] for layer, name in names.items()}
     n = s.e2e_batch_size * s.e2e_batches
+    from rlsedit.configs import model_defaults
+    from rlsedit.locate.targets import REFERENCE_STEP
+
+    targets = model_defaults(model, "rlsedit").get("targets", {})
+    differs = any(targets.get(k, v) != v for k, v in REFERENCE_STEP.items())
     r = bench_end_to_end(
         model,
         tok,
@@ -666,6 +671,7 @@ def section_end_to_end(ctx: Context) -> Section:
         layers=layers if ctx.args.layers else None,
         sigmas=sigmas,
         static=True,
+        reference=dict(REFERENCE_STEP) if differs else None,
     )
     sec.data = r
     table = Table(
@@ -701,6 +707,9 @@ def section_end_to_end(ctx: Context) -> Section:
             "",
         ]
     )
+    ref = r.get("reference")
+    if ref is not None:
+        batch_rows(ref["batches"], "25-step ")
     st = r["static"]
     if st is not None:
         batch_rows(st["batches"], "static ")
@@ -736,6 +745,16 @@ def section_end_to_end(ctx: Context) -> Section:
             if st is not None
             else []
         ),
+        *(
+            [
+                f"new default vs 25-step (MEMIT's target step), whole edits: "
+                f"{fmt_seconds(m['total'])} vs {fmt_seconds(ref['per_edit_median']['total'])} per edit "
+                f"(**{fmt_ratio(ref['per_edit_median']['total'] / max(m['total'], 1e-12))}**; targets "
+                f"{fmt_seconds(m['targets'])} vs {fmt_seconds(ref['per_edit_median']['targets'])})"
+            ]
+            if ref is not None
+            else []
+        ),
         f"peak RSS during the stream {fmt_bytes(rss['stream_peak'])} "
         f"(+{fmt_bytes(rss['stream_peak'] - rss['stream_start'])} over its start)",
     ]
@@ -753,6 +772,8 @@ def section_end_to_end(ctx: Context) -> Section:
         ),
         "RSS is sampled every 20 ms during the stream (psutil or /proc/self/statm); the lifetime peak "
         "(getrusage) includes the benchmarks that ran before in the same process.",
+        "Where the model's target step is not MEMIT's, the same requests run again, after the default "
+        "stream, with MEMIT's 25-step rule (`REFERENCE_STEP`: rows '25-step'), then with static targets.",
     ]
     return sec
 

@@ -179,8 +179,17 @@ def test_model_benchmarks_on_a_tiny_model(tiny_model_factory) -> None:
     before = {layer: weight_kv(get_module(model, mlp_out_name(model, layer))).clone() for layer in (0, 1)}
     sigmas = {layer: torch.eye(64, dtype=torch.float64) for layer in (0, 1)}
     e2e = bench_model.bench_end_to_end(
-        model, tok, reqs, batch_size=1, layers=[0, 1], sigmas=sigmas, static=True
+        model,
+        tok,
+        reqs,
+        batch_size=1,
+        layers=[0, 1],
+        sigmas=sigmas,
+        static=True,
+        reference={"steps": 4, "stop_nll": 0.0},
     )
+    # the reference step side by side: the same batches, its own target timings
+    assert len(e2e["reference"]["batches"]) == 2 and e2e["reference"]["per_edit_median"]["targets"] > 0
     assert len(e2e["batches"]) == 2
     assert set(e2e["per_edit_median"]) == {"targets", "keys", "update", "save", "total"}
     # the static stream, side by side: the same batches, targets read (no optimisation in its timings)
