@@ -217,8 +217,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
             editor = fresh or make_editor(args.method, model, tok, stats_dir=args.stats, **overrides)
             _check_requests(editor, requests, lines, source)
             editor.load_name = name
-            editor._store = store
-            editor.save(run)
+            editor.attach(store)  # this store holds the lock (re-entrant): saved, then every batch committed
         report = editor.edit(requests, batch_size=args.batch_size, progress=True)
     _out(
         f"applied {report.n_requests} request(s) in {len(report.batches)} batch(es); "

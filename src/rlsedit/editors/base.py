@@ -21,7 +21,8 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -797,6 +798,27 @@ class LocateThenEditEditor:
     def _weights(self) -> dict[int, torch.Tensor]:
         return {layer: weight_kv(get_module(self.model, name)) for layer, name in self.modules.items()}
 
+    @contextmanager
+    def transaction(self, on_failure: Callable[[], None] | None = None) -> Iterator[dict[int, dict]]:
+        """All or nothing: the edited weights, the layers' states and the batch list are snapshot on
+        entry; any exception inside restores them (then calls ``on_failure``) and propagates. Yields the
+        layers' states as they were (a batch that commits hands them to :meth:`recycle_state`)."""
+        weights = self._weights()
+        snapshot = {layer: w.detach().clone() for layer, w in weights.items()}
+        state_snapshot = {layer: dict(st) for layer, st in self.layer_state.items()}
+        batches_snapshot = [dict(b, active=list(b["active"])) for b in self.batches]
+        try:
+            yield state_snapshot
+        except BaseException:
+            with torch.no_grad():
+                for layer, w in weights.items():
+                    w.copy_(snapshot[layer])
+            self.layer_state = state_snapshot
+            self.batches = batches_snapshot
+            if on_failure is not None:
+                on_failure()
+            raise
+
     def _dedupe(self, reqs: list[EditRequest]) -> tuple[list[EditRequest], list[tuple[int, int]]]:
         """Drop earlier duplicates (same subject and prompt) inside the batch; find earlier batches'
         requests this batch supersedes."""
@@ -831,13 +853,14 @@ class LocateThenEditEditor:
         reqs, superseded = self._dedupe(reqs)
         batch_id = (self.batches[-1]["id"] + 1) if self.batches else 0
         report = BatchReport(batch_id=batch_id, n_requests=len(reqs), superseded=superseded)
-        weights = self._weights()
-        snapshot = {layer: w.detach().clone() for layer, w in weights.items()}
-        state_snapshot = {layer: dict(st) for layer, st in self.layer_state.items()}
-        batches_snapshot = [dict(b, active=list(b["active"])) for b in self.batches]
         records: dict[str, dict] = {}
         committing = False
-        try:
+
+        def discard() -> None:
+            if not committing:  # a commit that failed may have passed its commit point: keep its records
+                self._discard_records(records)
+
+        with self.transaction(on_failure=discard) as state_snapshot:
             if superseded:
                 self.supersede(superseded)
             if self.one_request_at_a_time and len(reqs) > 1:
@@ -865,15 +888,6 @@ class LocateThenEditEditor:
                 self._commit(self._store)
             report.timings["save"] = time.perf_counter() - t_save
             self.recycle_state(state_snapshot)
-        except BaseException:
-            with torch.no_grad():
-                for layer, w in weights.items():
-                    w.copy_(snapshot[layer])
-            self.layer_state = state_snapshot
-            self.batches = batches_snapshot
-            if not committing:  # a commit that failed may have passed its commit point: keep its records
-                self._discard_records(records)
-            raise
         report.timings["total"] = time.perf_counter() - t_start
         return report
 

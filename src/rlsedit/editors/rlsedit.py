@@ -360,10 +360,7 @@ class RLSEditor(LocateThenEditEditor):
                 state["B"] = st["B"] - K @ V
                 state["vv"] = st["vv"] - (V * V).sum()
             new[layer] = (C_new, W_new - W64, state)
-        snapshot = {layer: w.detach().clone() for layer, w in weights.items()}
-        old_state = {layer: dict(st) for layer, st in self.layer_state.items()}
-        old_active = list(batch["active"])
-        try:
+        with self.transaction():
             for layer, (_, dW, state) in new.items():
                 self._check_delta(layer, dW, weights[layer])
                 add_delta_kv(get_module(self.model, self.modules[layer]), dW)
@@ -372,13 +369,6 @@ class RLSEditor(LocateThenEditEditor):
                 batch["active"][j] = 0
             if commit and self._store is not None:
                 self._commit(self._store)
-        except BaseException:
-            with torch.no_grad():
-                for layer, w in weights.items():
-                    w.copy_(snapshot[layer])
-            self.layer_state = old_state
-            batch["active"] = old_active
-            raise
         return {
             "batch": batch_id,
             "requests": cols,
