@@ -247,3 +247,19 @@ def test_sweep_streams_share_one_store_and_report_the_frontier(
     assert (tmp_path / "sw" / "report" / "frontier.png").stat().st_size > 0
     assert mod.main(run) == 0  # resumed: nothing more to do
     assert len(json.loads((runs[0] / "batches.json").read_text())) == 2
+
+
+def test_a_named_step_rule_sets_the_target_settings(model_dir: Path, tmp_path: Path) -> None:
+    """``--target-step NAME`` applies the rule's settings (``--set`` wins), and the store says so."""
+    from rlsedit.locate.targets import FAST_STEP, STEP_RULES
+
+    assert cli._overrides(["steps=2"], "fast") == {**FAST_STEP, "steps": 2}
+    assert cli._overrides(None, "memit") == STEP_RULES["memit"]
+    out = tmp_path / "fast"
+    argv = ["targets", "--model", str(model_dir), "--split", "tune", "--edits", "2", "--out", str(out)]
+    assert cli.main([*argv, *SET_ARGS, "--target-step", "fast"]) == 0
+    stored = json.loads((out / "meta.json").read_text())["settings"]["targets"]
+    assert {k: stored[k] for k in FAST_STEP if k != "steps"} == {
+        k: v for k, v in FAST_STEP.items() if k != "steps"
+    }
+    assert stored["steps"] == SETTINGS["steps"]  # --set wins

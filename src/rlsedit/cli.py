@@ -28,8 +28,13 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _overrides(items: Sequence[str] | None) -> dict[str, Any]:
+def _overrides(items: Sequence[str] | None, step: str | None = None) -> dict[str, Any]:
+    """``--set KEY=VALUE`` options, over the settings of the named target step rule ``step``."""
     out: dict[str, Any] = {}
+    if step is not None:
+        from rlsedit.locate.targets import STEP_RULES
+
+        out.update(STEP_RULES[step])
     for item in items or []:
         if "=" not in item:
             raise SystemExit(f"rlsedit: --set expects KEY=VALUE, got {item!r}")
@@ -185,7 +190,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         raise RequestError("no requests in the file", source=source)
     lines = [number for number, _ in numbered]
     requests = [request for _, request in numbered]
-    overrides = _overrides(args.set)
+    overrides = _overrides(args.set, args.target_step)
     if not editor_class(args.method).uses_targets:
         raise SystemExit(f"rlsedit: {args.method} optimises no targets; pick a locate-then-edit method")
     check_option_names(editor_class(args.method).config_class, overrides)  # before the model is loaded
@@ -427,7 +432,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
     from rlsedit.locate.provider import StaticTargetStore, fill_static_targets, store_meta, target_settings
     from rlsedit.locate.templates import generate_context_templates
 
-    overrides = _overrides(args.set)
+    overrides = _overrides(args.set, args.target_step)
     if not editor_class(args.method).uses_targets:
         raise SystemExit(f"rlsedit: {args.method} optimises no targets; pick a locate-then-edit method")
     check_option_names(editor_class(args.method).config_class, overrides)
@@ -488,7 +493,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         offset=args.offset,
         batch_size=args.batch_size,
         eval_every=args.eval_every,
-        overrides=_overrides(args.set),
+        overrides=_overrides(args.set, args.target_step),
         fluency=args.fluency if _generation_metrics(args.dataset) else 0,
         capability=_capability_config(args),
         consistency_dir=args.consistency_dir,
@@ -614,6 +619,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rlsedit.locate.targets import STEP_RULES
     from rlsedit.tasks import task_names
 
     p = argparse.ArgumentParser(prog="rlsedit", description="Lifelong knowledge editing of language models.")
@@ -628,6 +634,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive_int, default=100)
     e.add_argument("--stats", default=None, help="statistics folder (written by `rlsedit stats --out`)")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (JSON)")
+    e.add_argument(
+        "--target-step",
+        choices=sorted(STEP_RULES),
+        default=None,
+        help="a named target step rule (memit: 25 Adam steps, MEMIT's; fast: see RESULTS.md); --set wins",
+    )
     e.set_defaults(func=cmd_edit)
 
     r = sub.add_parser("retract", help="take an applied batch (or one request of it) back")
@@ -729,6 +741,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder keeping the unedited model's per-case scores, shared by runs on the same model",
     )
     rn.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (JSON)")
+    rn.add_argument(
+        "--target-step",
+        choices=sorted(STEP_RULES),
+        default=None,
+        help="a named target step rule (memit: 25 Adam steps, MEMIT's; fast: see RESULTS.md); --set wins",
+    )
     _add_eval_args(rn, fluency_default=100)
     rn.set_defaults(func=cmd_run)
 
@@ -750,6 +768,12 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--piece", type=_positive_int, default=100, help="requests optimised together per file")
     tg.add_argument("--out", required=True, help="the store's folder (resumed if it exists)")
     tg.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (JSON)")
+    tg.add_argument(
+        "--target-step",
+        choices=sorted(STEP_RULES),
+        default=None,
+        help="a named target step rule (memit: 25 Adam steps, MEMIT's; fast: see RESULTS.md); --set wins",
+    )
     tg.set_defaults(func=cmd_targets)
 
     ev = sub.add_parser(
