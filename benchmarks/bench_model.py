@@ -277,6 +277,16 @@ def bench_targets(
 # --------------------------------------------------------------------------------------------------------
 
 
+def _edit_then_restore(editor: Any, requests: Sequence[EditRequest], batch_size: int) -> Any:
+    """``editor.edit(requests)``'s report; the edited weights are put back to W_0 afterwards."""
+    try:
+        return editor.edit(list(requests), batch_size=batch_size)
+    finally:
+        with torch.no_grad():
+            for layer, name in editor.modules.items():
+                weight_kv(get_module(editor.model, name)).copy_(editor.W0[layer])
+
+
 def bench_end_to_end(
     model: nn.Module,
     tokenizer: Any,
@@ -314,13 +324,8 @@ def bench_end_to_end(
         lambda: make_editor("rlsedit", model, tokenizer, sigmas=sigmas, stats_dir=stats_dir, **overrides)
     )
     rss_editor = rss_bytes()
-    try:
-        with RssSampler() as sampler:
-            report = editor.edit(list(requests), batch_size=batch_size)
-    finally:
-        with torch.no_grad():
-            for layer, name in editor.modules.items():
-                weight_kv(get_module(model, name)).copy_(editor.W0[layer])
+    with RssSampler() as sampler:
+        report = _edit_then_restore(editor, requests, batch_size)
     keys = ("targets", "keys", "update", "save", "total")
 
     def per_batch(rep: Any) -> list[dict[str, Any]]:
@@ -343,13 +348,7 @@ def bench_end_to_end(
         ref_editor = make_editor(
             "rlsedit", model, tokenizer, sigmas=sigmas, stats_dir=stats_dir, **overrides, **reference
         )
-        try:
-            ref_report = ref_editor.edit(list(requests), batch_size=batch_size)
-        finally:
-            with torch.no_grad():
-                for layer, name in ref_editor.modules.items():
-                    weight_kv(get_module(model, name)).copy_(ref_editor.W0[layer])
-        rb = per_batch(ref_report)
+        rb = per_batch(_edit_then_restore(ref_editor, requests, batch_size))
         reference_result = {
             "overrides": dict(reference),
             "batches": rb,
@@ -388,12 +387,7 @@ def bench_end_to_end(
                 "rlsedit", model, tokenizer, sigmas=sigmas, stats_dir=stats_dir, **overrides
             )
             static_editor.use_targets(TargetProvider(static=store))
-            try:
-                static_report = static_editor.edit(list(requests), batch_size=batch_size)
-            finally:
-                with torch.no_grad():
-                    for layer, name in static_editor.modules.items():
-                        weight_kv(get_module(model, name)).copy_(static_editor.W0[layer])
+            static_report = _edit_then_restore(static_editor, requests, batch_size)
         sb = per_batch(static_report)
         static_result = {
             "fill_s": fill_s,
