@@ -10,6 +10,7 @@ normal approximation) is the one to read when asking whether a setting changed a
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import sys
@@ -17,8 +18,11 @@ from pathlib import Path
 
 
 def _post(run: Path) -> dict:
+    """Each case's post-edit record, from ``cases.jsonl`` (or its committed ``cases.jsonl.gz``)."""
     out = {}
-    with open(run / "cases.jsonl", encoding="utf-8") as f:
+    plain = run / "cases.jsonl"
+    opener = open if plain.exists() else gzip.open
+    with opener(plain if plain.exists() else run / "cases.jsonl.gz", "rt", encoding="utf-8") as f:
         for line in f:
             rec = json.loads(line)
             out[rec["case_id"]] = rec["post"]

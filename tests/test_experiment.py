@@ -976,3 +976,14 @@ def test_frontier_table_and_figure(tmp_path: Path) -> None:
     written: list[Path] = []
     _plot_frontier(plt, runs, tmp_path, written)
     assert written == [tmp_path / "frontier.png"] and written[0].stat().st_size > 0
+
+
+def test_paired_runs_difference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """experiments/paired_runs.py: B - A over the cases both runs scored, with the normal interval."""
+    mod = _script("paired_runs", monkeypatch)
+    a = {1: {"efficacy": 1.0}, 2: {"efficacy": 0.0}, 3: {"efficacy": 1.0}, 4: {"efficacy": 1.0}}
+    b = {1: {"efficacy": 1.0}, 2: {"efficacy": 1.0}, 3: {"efficacy": 0.0}, 4: {"efficacy": 1.0}, 5: {}}
+    r = mod.paired(a, b, "efficacy")
+    assert (r["n"], r["a"], r["b"], r["diff"]) == (4, 75.0, 75.0, 0.0)
+    assert (r["b_better"], r["a_better"]) == (1, 1)
+    assert r["ci95"] == pytest.approx(100 * 1.96 * (2 / 3) ** 0.5 / 2)
