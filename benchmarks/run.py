@@ -187,6 +187,16 @@ class Context:
 
         return list(model_defaults(self.model()[0], "rlsedit")["layers"])
 
+    def target_steps(self) -> tuple[Any, Any]:
+        """``(the model's RLSEdit target settings, the same with MEMIT's step rule)``, the second None
+        where the model's step already is MEMIT's."""
+        from rlsedit.configs import model_defaults
+        from rlsedit.locate.targets import REFERENCE_STEP, TargetConfig
+
+        config = TargetConfig(**model_defaults(self.model()[0], "rlsedit").get("targets", {}))
+        reference = dataclasses.replace(config, **REFERENCE_STEP)
+        return config, None if reference == config else reference
+
     def gflops(self) -> float:
         """The float32 matmul rate (GFLOP/s), measured once."""
         if self._gflops is None:
@@ -541,11 +551,7 @@ def section_targets(ctx: Context) -> Section:
     gflops = ctx.gflops()
     contexts = generate_context_templates(model, tok, n=s.target_templates, length=10, seed=0)
     reqs = _requests(s.target_requests)
-    from rlsedit.configs import model_defaults
-    from rlsedit.locate.targets import REFERENCE_STEP, TargetConfig
-
-    config = TargetConfig(**model_defaults(model, "rlsedit").get("targets", {}))
-    reference = dataclasses.replace(config, **REFERENCE_STEP)
+    config, reference = ctx.target_steps()
     r = bench_targets(
         model,
         tok,
@@ -556,7 +562,7 @@ def section_targets(ctx: Context) -> Section:
         gflops,
         ctx.device,
         config=config,
-        reference=None if reference == config else reference,
+        reference=reference,
     )
     sec.data = r
     table = Table(
@@ -658,11 +664,8 @@ def section_end_to_end(ctx: Context) -> Section:
         )
         sigmas = {layer: sm[name] for layer, name in names.items()}
     n = s.e2e_batch_size * s.e2e_batches
-    from rlsedit.configs import model_defaults
     from rlsedit.locate.targets import REFERENCE_STEP
 
-    targets = model_defaults(model, "rlsedit").get("targets", {})
-    differs = any(targets.get(k, v) != v for k, v in REFERENCE_STEP.items())
     r = bench_end_to_end(
         model,
         tok,
@@ -671,7 +674,7 @@ def section_end_to_end(ctx: Context) -> Section:
         layers=layers if ctx.args.layers else None,
         sigmas=sigmas,
         static=True,
-        reference=dict(REFERENCE_STEP) if differs else None,
+        reference=None if ctx.target_steps()[1] is None else dict(REFERENCE_STEP),
     )
     sec.data = r
     table = Table(

@@ -37,6 +37,7 @@ from typing import Any
 
 from torch import nn
 
+from rlsedit.datasets import _prompts
 from rlsedit.eval.scoring import target_token_top1
 from rlsedit.eval.summary import summarize_metrics
 from rlsedit.requests import EditRequest, RequestError, first_answer
@@ -75,10 +76,8 @@ def _answer(value: object, field: str) -> str:
 
 
 def _texts(value: object, field: str) -> tuple[str, ...]:
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(p, str) and p.strip() for p in items):
-        raise RequestError("must be a non-blank string or a list of them", field=field)
-    return tuple(p.strip() for p in items)
+    """A non-blank string or a list of them (:func:`rlsedit.datasets._prompts`), each stripped."""
+    return tuple(p.strip() for p in _prompts(value, field))
 
 
 def _groups(value: object, field: str) -> dict[str, tuple[tuple[str, str], ...]]:
