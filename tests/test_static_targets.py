@@ -263,3 +263,52 @@ def test_a_named_step_rule_sets_the_target_settings(model_dir: Path, tmp_path: P
         k: v for k, v in FAST_STEP.items() if k != "steps"
     }
     assert stored["steps"] == SETTINGS["steps"]  # --set wins
+
+
+def test_a_static_store_keeps_the_first_layer_keys(
+    store_dir: Path, model_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The first edited layer's keys never change (nothing below or beside its projection is edited):
+    kept beside the static targets, a stream reading them ends at the same weights as one computing them in
+    every batch, and a second stream of the same requests computes none."""
+    import shutil
+
+    from rlsedit.models.arch import get_module, weight_kv
+
+    store = tmp_path / "store"
+    shutil.copytree(store_dir, store, ignore=shutil.ignore_patterns("keys"))  # kept by other tests
+    reqs = [c.request for c in load_counterfact(split="tune", limit=6)]
+    weights = {}
+    for keep in (False, True):
+        ed = _editor(model_dir)
+        ed.use_targets(TargetProvider(static=store, keep_keys=keep))
+        ed.edit(reqs, batch_size=2)
+        weights[keep] = {n: weight_kv(get_module(ed.model, n)).detach().clone() for n in ed.edited_modules()}
+    kept = sorted((store / "keys").glob("keys-*.safetensors"))
+    assert len(kept) == 3  # one per batch
+    for n, w in weights[True].items():
+        torch.testing.assert_close(w, weights[False][n], rtol=1e-6, atol=1e-7)
+    assert float(w.norm()) > 0
+
+    first = SETTINGS["layers"][0]
+    from rlsedit.locate import provider as provider_mod
+
+    calls = []
+    original = provider_mod.compute_keys
+
+    def counting(*a, **k):
+        calls.append(a[3])
+        return original(*a, **k)
+
+    monkeypatch.setattr(provider_mod, "compute_keys", counting)
+    ed = _editor(model_dir)
+    ed.use_targets(TargetProvider(static=store))
+    ed.edit(reqs, batch_size=2)
+    assert calls == []  # all three batches read their first-layer keys
+    for n, w in weights[True].items():
+        torch.testing.assert_close(weight_kv(get_module(ed.model, n)), w, rtol=1e-6, atol=1e-7)
+    # another order of the requests is another batch: computed and kept
+    ed = _editor(model_dir)
+    ed.use_targets(TargetProvider(static=store))
+    ed.edit(reqs[::-1][:2])
+    assert calls == [ed.modules[first]]

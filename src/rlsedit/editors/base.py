@@ -966,16 +966,27 @@ class LocateThenEditEditor:
         lower = LowerBlocks(self.model, min(cfg.layers)) if cfg.reuse_lower_blocks else None
         for i, layer in enumerate(cfg.layers):
             t1 = time.perf_counter()
-            K, K_prompt = compute_keys(
-                self.model,
-                self.tokenizer,
-                reqs,
-                self.modules[layer],
-                self.templates,
-                weighting=cfg.key_weighting,
-                with_prompt=True,
-                lower=lower,
-            )
+            if i == 0:  # nothing below or beside it is ever edited: a static store keeps these
+                K, K_prompt = self.targets_provider.first_layer_keys(
+                    self.model,
+                    self.tokenizer,
+                    reqs,
+                    self.modules[layer],
+                    self.templates,
+                    cfg.key_weighting,
+                    lower,
+                )
+            else:
+                K, K_prompt = compute_keys(
+                    self.model,
+                    self.tokenizer,
+                    reqs,
+                    self.modules[layer],
+                    self.templates,
+                    weighting=cfg.key_weighting,
+                    with_prompt=True,
+                    lower=lower,
+                )
             cur = compute_hidden(self.model, self.tokenizer, reqs, read, lower=lower)
             timings["keys"] += time.perf_counter() - t1
             t2 = time.perf_counter()

@@ -11,6 +11,12 @@
   *unedited* model (``rlsedit targets``), read by request (the *static* protocol: a 10,000-edit stream then
   costs keys and updates only).
 
+With a static store the provider also keeps the keys of the **first** edited layer beside it
+(:meth:`TargetProvider.first_layer_keys`): an editor never edits anything below or beside that layer's
+edited projection, and the store is only used on a model that was the store's unedited model before the
+editor's first batch, so those keys are the same in every batch and every run of the same requests. A
+single-layer static stream then runs no key forward after the first run of its stream.
+
 The provider is a runtime object: it is not saved with the editor.
 """
 
@@ -29,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlsedit.locate.keys import compute_hidden
+from rlsedit.locate.keys import LowerBlocks, compute_hidden, compute_keys
 from rlsedit.locate.targets import TargetConfig, TargetResult, compute_targets
 from rlsedit.models.arch import get_arch, mlp_out_name
 from rlsedit.requests import EditRequest
@@ -224,6 +230,16 @@ class StaticTargetStore:
                 f"static targets in {self.directory} do not fit this run: " + "; ".join(problems)
             )
 
+    def keys_path(
+        self, requests: Sequence[EditRequest], module_name: str, templates: Sequence[str], weighting: str
+    ) -> Path:
+        """Where the first edited layer's keys of ``requests`` (one batch, in order) are kept:
+        ``keys/keys-<hash>.safetensors``, the hash of the requests, the module, the templates and the key
+        weighting (the model is the store's)."""
+        payload = [module_name, list(templates), weighting, [request_key(r) for r in requests]]
+        digest = hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()[:24]
+        return self.directory / "keys" / f"keys-{digest}.safetensors"
+
     def read(self, requests: Sequence[EditRequest]) -> TargetResult:
         """The stored targets of ``requests`` (``extra["static"]``: True). KeyError for a missing one."""
         from rlsedit.store import load_tensors
@@ -259,9 +275,15 @@ class TargetProvider:
     keys, then the cache, then optimisation)."""
 
     def __init__(
-        self, cache_dir: str | Path | None = None, static: StaticTargetStore | str | Path | None = None
+        self,
+        cache_dir: str | Path | None = None,
+        static: StaticTargetStore | str | Path | None = None,
+        keep_keys: bool = True,
     ) -> None:
+        """``keep_keys``: with a static store, keep and reuse the first edited layer's keys (see the module
+        docstring); False computes them in every batch (the same values)."""
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.keep_keys = keep_keys
         self.static = static if static is None or isinstance(static, StaticTargetStore) else None
         if self.static is None and static is not None:
             self.static = StaticTargetStore(static)
@@ -281,6 +303,51 @@ class TargetProvider:
             yield
         finally:
             self._recorded = []
+
+    def first_layer_keys(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        requests: Sequence[EditRequest],
+        module_name: str,
+        templates: Sequence[str],
+        weighting: str,
+        lower: LowerBlocks | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys ``K`` and the bare prompt's keys ``K_prompt`` (both ``(d_k, u)``, float32) of the first
+        edited projection ``module_name`` (:func:`rlsedit.locate.keys.compute_keys` with ``with_prompt``):
+        read from the static store when it keeps them, else computed (and kept, with a static store and
+        ``keep_keys``)."""
+        from rlsedit.store import CorruptStateError, load_tensors, save_tensors
+
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
+            K, K_prompt = compute_keys(
+                model,
+                tokenizer,
+                requests,
+                module_name,
+                templates,
+                weighting=weighting,
+                with_prompt=True,
+                lower=lower,
+            )
+            return K, K_prompt
+
+        if self.static is None or not self.keep_keys:
+            return compute()
+        path = self.static.keys_path(requests, module_name, templates, weighting)
+        if path.is_file():
+            try:
+                t = load_tensors(path)
+                if t["K"].shape[1] != len(requests):
+                    raise KeyError(f"{t['K'].shape[1]} keys for {len(requests)} requests")
+                return t["K"], t["K_prompt"]
+            except (CorruptStateError, KeyError) as exc:
+                log.warning("ignoring a corrupt kept key file %s: %s", path, exc)
+        K, K_prompt = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_tensors(path, {"K": K.detach().float().cpu(), "K_prompt": K_prompt.detach().float().cpu()})
+        return K, K_prompt
 
     def state_key(
         self,
