@@ -103,7 +103,7 @@ def stream_main(args: argparse.Namespace, fixed: dict) -> int:
             fluency=0,
             capability=capability,
             checkpoint_cases=args.checkpoint_cases,
-            retention=[100, 1000],
+            retention=args.retention,
             targets="static" if args.static_targets else "dynamic",
         )
         log.info("point %d of %d: %s", k + 1, len(grid), name)
@@ -231,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=1000)
     p.add_argument("--checkpoint-cases", type=int, default=200)
+    p.add_argument(
+        "--retention",
+        type=json.loads,
+        default=[100, 1000],
+        help="streams: JSON list of earliest-edit slices scored in full at checkpoints (default [100,1000])",
+    )
     p.add_argument("--stats", default=None, help="statistics folder")
     p.add_argument("--shard", default="0/1", help="i/n: run every n-th point from the i-th")
     args = p.parse_args(argv)

@@ -169,6 +169,17 @@ def test_static_run_refuses_a_stream_beyond_the_store_before_writing(
     with pytest.raises(ValueError, match="2 of the 8 requests have no target"):
         run_experiment(spec, out, static_targets=store_dir)
     assert not out.exists()
+    # a call that stops inside the store checks (and applies) only its own requests; one going further
+    # is refused before it applies anything
+    with pytest.raises(ValueError, match="2 of the 8 requests have no target"):
+        run_experiment(spec, out, static_targets=store_dir, stop_after=7)  # the chunk ends at 9
+    assert not out.exists()
+    run_experiment(spec, out, static_targets=store_dir, stop_after=6)
+    assert len(json.loads((out / "batches.json").read_text())) == 2
+    with pytest.raises(ValueError, match="2 of the 8 requests have no target"):
+        run_experiment(spec, out, static_targets=store_dir)
+    assert len(json.loads((out / "batches.json").read_text())) == 2
+    out = tmp_path / "run2"
     with pytest.raises(ValueError, match="static-target run needs"):
         run_experiment(
             ExperimentSpec(

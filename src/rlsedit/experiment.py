@@ -625,10 +625,12 @@ def run_experiment(
         templates = generate_context_templates(
             model, tok, n=config.n_templates, length=config.template_length, seed=config.seed
         )
+        # the requests this call applies (a later call with a larger stop_after checks its own)
+        upto = len(cases) if stop_after is None else -(-stop_after // spec.batch_size) * spec.batch_size
         static.check(
             model,
             target_settings(config.layers[-1], templates, config.targets),
-            [c.request for c in cases],
+            [c.request for c in cases[:upto]],
         )
     out.mkdir(parents=True, exist_ok=True)
     if not spec_path.exists():
