@@ -240,6 +240,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 def cmd_retract(args: argparse.Namespace) -> int:
     from rlsedit.editors import load_editor
+    from rlsedit.editors.base import Retractable
     from rlsedit.store import RunStore
 
     run = _saved_editor_dir(args.run, experiment=False)
@@ -248,7 +249,7 @@ def cmd_retract(args: argparse.Namespace) -> int:
     store = RunStore(run, create=False)
     with store.lock():
         editor = load_editor(store, model, tok)  # this store: it holds the lock
-        if not hasattr(editor, "retract"):
+        if not isinstance(editor, Retractable):
             raise SystemExit(f"rlsedit: method {editor.name} cannot retract edits")
         result = editor.retract(args.batch, args.request)
     _out(

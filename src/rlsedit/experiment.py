@@ -396,13 +396,12 @@ def _capability(model, tok, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _objective(editor: Any) -> dict[str, Any] | None:
-    """RLSEdit's objective terms per layer (None for other editors)."""
-    from rlsedit.editors.rlsedit import RLSEditor
-    from rlsedit.eval.objective import objective_terms
+    """The editor's objective terms per layer (None for an editor without a stated objective)."""
+    from rlsedit.editors.base import HasObjective
 
-    if not isinstance(editor, RLSEditor):
+    if not isinstance(editor, HasObjective):
         return None
-    return {str(layer): terms for layer, terms in objective_terms(editor).items()}
+    return {str(layer): terms for layer, terms in editor.objective_terms().items()}
 
 
 #: Default relative tolerance of a replayed batch's report against its record (a replay on the same

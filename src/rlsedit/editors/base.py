@@ -54,6 +54,8 @@ __all__ = [
     "EditReport",
     "Editor",
     "EditorConfig",
+    "HasObjective",
+    "Retractable",
     "EditError",
     "LocateThenEditEditor",
     "register_editor",
@@ -67,7 +69,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-RUN_FORMAT = "rlsedit-editor/1"
+#: The ``kind`` of an editor's manifest in its run store (the store's own layout: ``store.RUN_FORMAT``).
+EDITOR_KIND = "rlsedit-editor/1"
 
 
 class EditError(RuntimeError):
@@ -285,6 +288,20 @@ class Editor(Protocol):
     def edited_modules(self) -> list[str]: ...
 
 
+@runtime_checkable
+class Retractable(Protocol):
+    """An editor that can take back an applied batch, or one request of it, exactly."""
+
+    def retract(self, batch_id: int, index: int | None = None) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class HasObjective(Protocol):
+    """An editor whose edits minimise a stated objective it can evaluate (per edited layer)."""
+
+    def objective_terms(self) -> dict[int, dict[str, Any]]: ...
+
+
 _REGISTRY: dict[str, type] = {}
 
 
@@ -397,7 +414,7 @@ def load_editor(
     """
     store = directory if isinstance(directory, RunStore) else RunStore(directory, create=False)
     manifest = store.load_manifest()
-    if manifest is None or manifest.get("kind") != RUN_FORMAT:
+    if manifest is None or manifest.get("kind") != EDITOR_KIND:
         raise FileNotFoundError(f"{directory} holds no saved editor (no committed manifest)")
     cls = editor_class(manifest["method"])
     config = build_config(cls.config_class, {}, manifest["config"])
@@ -1176,7 +1193,7 @@ class LocateThenEditEditor:
                 state[f"layer{layer}"] = st
         state["weights"] = {str(layer): w.detach().contiguous() for layer, w in self._weights().items()}
         manifest = {
-            "kind": RUN_FORMAT,
+            "kind": EDITOR_KIND,
             "method": self.name,
             "config": self.config.to_dict(),
             "modules": {str(k): v for k, v in self.modules.items()},

@@ -295,6 +295,13 @@ class RLSEditor(LocateThenEditEditor):
             log.info("retracting %d superseded request(s) of batch %d", len(idx), b)
             self._retract(b, idx, commit=False)
 
+    def objective_terms(self) -> dict[int, dict[str, Any]]:
+        """The objective's terms per edited layer after the last applied batch
+        (:func:`rlsedit.eval.objective.objective_terms`)."""
+        from rlsedit.eval.objective import objective_terms
+
+        return objective_terms(self)
+
     def retract(self, batch_id: int, index: int | None = None) -> dict[str, Any]:
         """Take back batch ``batch_id`` (or only its request ``index``), keeping every other edit.
 
