@@ -372,12 +372,31 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _capability_config(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The general-capability settings asked for on the command line (None: not asked)."""
-    if not args.capability:
+    """The general-capability settings asked for on the command line (None: not asked). ``--lm-eval``
+    has lm-evaluation-harness score its tasks: the bundled ones (sst2, ..., mmlu) on our items and prompts,
+    any other name as the harness defines it."""
+    from rlsedit.eval.capability import CAPABILITY_TASKS
+    from rlsedit.eval.lmeval import harness_available
+
+    harness = [t for t in (args.lm_eval or "").split(",") if t]
+    if not args.capability and not harness:
         return None
     cfg: dict[str, Any] = {"n_items": args.capability_items, "ppl_tokens": args.ppl_tokens}
     if args.capability_tasks:
         cfg["tasks"] = [t for t in args.capability_tasks.split(",") if t]
+    if harness:
+        if not harness_available():
+            raise SystemExit(
+                "rlsedit: --lm-eval needs lm-evaluation-harness: pip install 'rlsedit[lmeval]'"
+            )
+        bundled = [t for t in harness if t in CAPABILITY_TASKS]
+        if args.capability:  # ours as asked, plus the harness's
+            cfg["tasks"] = list(dict.fromkeys([*cfg.get("tasks", CAPABILITY_TASKS), *bundled]))
+        else:
+            cfg["tasks"], cfg["perplexity"] = bundled, False
+        cfg["backend"] = "lm-eval"
+        cfg["lm_eval"] = [t for t in harness if t not in CAPABILITY_TASKS]
+        cfg["lm_eval_limit"] = args.lm_eval_limit
     return cfg
 
 
@@ -400,6 +419,16 @@ def _add_eval_args(p: argparse.ArgumentParser, fluency_default: int) -> None:
     p.add_argument("--capability-items", type=_positive_int, default=100, help="items per capability task")
     p.add_argument("--capability-tasks", default="", help="comma-separated subset of sst2,mrpc,cola,rte,mmlu")
     p.add_argument("--ppl-tokens", type=_positive_int, default=4096, help="WikiText-2 tokens for perplexity")
+    p.add_argument(
+        "--lm-eval",
+        default=None,
+        metavar="TASKS",
+        help="comma-separated tasks scored by lm-evaluation-harness on the edited model in memory: the "
+        "bundled sst2,mrpc,cola,rte,mmlu (our items and prompts, offline) or any harness task name",
+    )
+    p.add_argument(
+        "--lm-eval-limit", type=_positive_int, default=None, help="documents per harness-defined task"
+    )
 
 
 def _print_capability(cap: dict[str, Any], label: str) -> None:
@@ -410,7 +439,11 @@ def _print_capability(cap: dict[str, Any], label: str) -> None:
         if task in cap:
             r = cap[task]
             lo, hi = r["ci95"]
-            parts.append(f"{task} {r['accuracy']:.1f} [{lo:.0f},{hi:.0f}] (chance {r['chance']:.0f})")
+            by = " lm-eval" if r.get("backend") == "lm-eval" else ""
+            parts.append(f"{task}{by} {r['accuracy']:.1f} [{lo:.0f},{hi:.0f}] (chance {r['chance']:.0f})")
+    for task, r in (cap.get("lm_eval") or {}).get("results", {}).items():
+        figures = ", ".join(f"{k} {v:.3g}" for k, v in r.items() if isinstance(v, float))
+        parts.append(f"{task} (lm-eval) {figures}")
     _out(f"{label:16}" + "; ".join(parts))
 
 

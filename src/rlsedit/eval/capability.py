@@ -54,6 +54,7 @@ from rlsedit.models.arch import input_device
 __all__ = [
     "CAPABILITY_TASKS",
     "CapabilityConfig",
+    "capability_task",
     "evaluate_capability",
     "label_logprobs",
     "perplexity",
@@ -79,6 +80,10 @@ class CapabilityConfig:
         ppl_window / ppl_stride: window length and stride (tokens) of the strided perplexity.
         seed: seeds the item samples.
         batch_size: rows per forward pass.
+        backend: who scores ``tasks``: "auto" (lm-evaluation-harness where it is installed, else ours),
+            "lm-eval" or "rlsedit" (:mod:`rlsedit.eval.lmeval`; both score the same items and prompts).
+        lm_eval: the harness's own tasks besides (registered names such as ``hellaswag``; their data must
+            be reachable), ``lm_eval_limit`` documents each (None: all).
     """
 
     tasks: tuple[str, ...] = CAPABILITY_TASKS
@@ -89,9 +94,21 @@ class CapabilityConfig:
     ppl_stride: int = 256
     seed: int = 0
     batch_size: int = 8
+    backend: str = "auto"
+    lm_eval: tuple[str, ...] = ()
+    lm_eval_limit: int | None = None
 
     def __post_init__(self) -> None:
         self.tasks = tuple(self.tasks)
+        self.lm_eval = tuple(self.lm_eval)
+        if self.backend not in ("auto", "lm-eval", "rlsedit"):
+            raise ValueError(f"backend must be 'auto', 'lm-eval' or 'rlsedit', got {self.backend!r}")
+        if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
+            raise ValueError("lm_eval_limit must be >= 1 (or None: every document)")
+        if ((self.backend == "lm-eval" and self.tasks) or self.lm_eval) and not _harness():
+            raise ValueError(
+                "lm-evaluation-harness is not installed: pip install 'rlsedit[lmeval]' (the package lm-eval)"
+            )
         bad = [t for t in self.tasks if t not in CAPABILITY_TASKS]
         if bad:
             raise ValueError(f"unknown capability task(s) {bad}; valid: {', '.join(CAPABILITY_TASKS)}")
@@ -103,7 +120,20 @@ class CapabilityConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["tasks"] = list(self.tasks)
+        d["lm_eval"] = list(self.lm_eval)
         return d
+
+    def zero_shot_backend(self) -> str:
+        """Who scores ``tasks`` here: "lm-eval" or "rlsedit"."""
+        if self.backend == "auto":
+            return "lm-eval" if _harness() else "rlsedit"
+        return self.backend
+
+
+def _harness() -> bool:
+    from rlsedit.eval.lmeval import harness_available
+
+    return harness_available()
 
 
 # ------------------------------------------------------------------------------------------------ items
@@ -172,6 +202,14 @@ _TASKS: dict[str, _Task] = {
     ),
     "mmlu": _Task(("A", "B", "C", "D"), _mmlu_prompt, lambda x: int(x["answer"]), _mmlu),
 }
+
+
+def capability_task(task: str) -> _Task:
+    """A zero-shot task's definition: ``labels`` (the label words, in gold-label order), ``prompt(item)``,
+    ``gold(item)`` and ``load()`` (every bundled item)."""
+    if task not in _TASKS:
+        raise ValueError(f"unknown task {task!r}; valid: {', '.join(_TASKS)}")
+    return _TASKS[task]
 
 
 def task_items(task: str, n_items: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -301,6 +339,7 @@ def zero_shot_accuracy(
         "labels": list(spec.labels),
         "predicted": {lab: sum(1 for p in pred if p == j) for j, lab in enumerate(spec.labels)},
         "seconds": time.perf_counter() - t0,
+        "backend": "rlsedit",
     }
 
 
@@ -421,8 +460,13 @@ def evaluate_capability(
             batch_size=max(1, cfg.batch_size // 2),
         )
         log.info("WikiText-2 perplexity %.2f", out["perplexity"]["perplexity"])
+    if cfg.tasks and cfg.zero_shot_backend() == "lm-eval":
+        from rlsedit.eval.lmeval import lm_eval_accuracy
+
+        out.update(lm_eval_accuracy(model, tokenizer, cfg.tasks, cfg.n_items, cfg.seed, cfg.batch_size))
     for task in cfg.tasks:
-        out[task] = zero_shot_accuracy(model, tokenizer, task, cfg.n_items, cfg.seed, cfg.batch_size)
+        if task not in out:
+            out[task] = zero_shot_accuracy(model, tokenizer, task, cfg.n_items, cfg.seed, cfg.batch_size)
         r = out[task]
         log.info(
             "%s: %.1f%% [%.1f, %.1f] (chance %.0f%%, n=%d)",
@@ -433,5 +477,9 @@ def evaluate_capability(
             r["chance"],
             r["n"],
         )
+    if cfg.lm_eval:
+        from rlsedit.eval.lmeval import lm_eval_tasks
+
+        out["lm_eval"] = lm_eval_tasks(model, tokenizer, cfg.lm_eval, cfg.lm_eval_limit, cfg.batch_size)
     out["seconds"] = time.perf_counter() - t0
     return out
