@@ -1,5 +1,3 @@
-
-
 def test_capabilities_are_protocols() -> None:
     """Callers ask an editor what it can do through protocols, not by its class: RLSEdit retracts and
     states its objective; MEMIT does neither."""

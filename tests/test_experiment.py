@@ -644,7 +644,7 @@ def test_a_recorded_stream_replays_from_its_files_and_cached_targets(
     replay that does not reproduce its record is refused with a clear error."""
     import logging
 
-    from rlsedit.experiment import ReplayMismatch
+    from rlsedit.replay import ReplayMismatch
     from rlsedit.store import load_tensors
 
     stats = finished.parent / "stats"
@@ -700,7 +700,7 @@ def test_a_replay_on_another_machine_reads_the_recorded_targets_within_a_stated_
     difference in replays.json; the default tolerance refuses them, and says how to go on."""
     import logging
 
-    from rlsedit.experiment import REPLAY_FILE, REPLAY_MISMATCH_FILE, ReplayMismatch
+    from rlsedit.replay import REPLAY_FILE, REPLAY_MISMATCH_FILE, ReplayMismatch
 
     stats = tmp_path / "stats"
     first = tmp_path / "first"
@@ -766,7 +766,7 @@ def test_recorded_targets_are_found_by_key_or_by_their_unique_nlls(tmp_path: Pat
     exact mean NLLs, and none where two files match (or the figures differ)."""
     import torch
 
-    from rlsedit.experiment import _recorded_targets_keys
+    from rlsedit.replay import recorded_targets_keys as _recorded_targets_keys
     from rlsedit.store import save_tensors
 
     def put(name: str, n: int, init: float, final: float) -> None:

@@ -386,9 +386,7 @@ def _capability_config(args: argparse.Namespace) -> dict[str, Any] | None:
         cfg["tasks"] = [t for t in args.capability_tasks.split(",") if t]
     if harness:
         if not harness_available():
-            raise SystemExit(
-                "rlsedit: --lm-eval needs lm-evaluation-harness: pip install 'rlsedit[lmeval]'"
-            )
+            raise SystemExit("rlsedit: --lm-eval needs lm-evaluation-harness: pip install 'rlsedit[lmeval]'")
         bundled = [t for t in harness if t in CAPABILITY_TASKS]
         if args.capability:  # ours as asked, plus the harness's
             cfg["tasks"] = list(dict.fromkeys([*cfg.get("tasks", CAPABILITY_TASKS), *bundled]))

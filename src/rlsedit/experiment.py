@@ -39,9 +39,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlsedit.compare import diff_values, relative_difference
 from rlsedit.datasets import CounterFactCase, ZsreCase, superseded_cases
 from rlsedit.memory import max_rss_bytes, rss_bytes
+from rlsedit.replay import REPLAY_MISMATCH_FILE, REPLAY_RTOL, Replay, ReplayMismatch, machine
 from rlsedit.runs import load_checkpoints, load_results, timing_sums
 from rlsedit.store import RunStore, atomic_write_bytes, load_json, save_json
 from rlsedit.tasks import get_task, task_names
@@ -404,129 +404,6 @@ def _objective(editor: Any) -> dict[str, Any] | None:
     return {str(layer): terms for layer, terms in editor.objective_terms().items()}
 
 
-#: Default relative tolerance of a replayed batch's report against its record (a replay on the same
-#: machine and software reproduces every value exactly; another CPU rounds differently in the last bits).
-REPLAY_RTOL = 1e-6
-
-#: Written into a run folder by every replay: per invocation, the tolerance and each replayed batch's
-#: largest relative difference from its record.
-REPLAY_FILE = "replays.json"
-
-
-class ReplayMismatch(RuntimeError):
-    """A replayed batch does not reproduce its record: the folder's later files describe another stream.
-
-    ``checked``: the comparison of the refused batch (as :func:`_check_replay` returns it), if any."""
-
-    def __init__(self, message: str, checked: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.checked = checked
-
-
-#: Written into a run folder whose replay did not reproduce its record; the folder is refused from then on.
-REPLAY_MISMATCH_FILE = "replay-mismatch.json"
-
-
-def machine() -> dict[str, Any]:
-    """What decides a run's rounding on this machine: the CPU's model name, the instruction set torch's
-    kernels use (``"AVX2"``, ``"AVX512"``, ...), torch's version and its thread count."""
-    import platform
-
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
-
-
-def _check_replay(
-    out: Path, recorded: dict[str, Any], entry: dict[str, Any], n_cases: int, rtol: float
-) -> dict[str, Any]:
-    """Refuse to go on when a replayed batch's report differs from the recorded one (timings aside) by
-    more than relative tolerance ``rtol``; return the comparison (values compared, values differing at
-    all, the largest relative difference and where, and the replayed value of each differing leaf by its
-    path, so the record and ``replays.json`` together hold the replayed report).
-
-    The batch is already in the editor's state by then, so the refusal is written into the folder
-    (:data:`REPLAY_MISMATCH_FILE`): the same command must not resume past the mismatched batch."""
-    n, every = diff_values(recorded, entry, 0.0)
-    rel = [(relative_difference(a, b), p) for p, a, b in every]
-    worst = max(rel, default=(0.0, None))
-    # compare.equal_values(a, b, rtol) is relative_difference(a, b) <= rtol: reuse the differences
-    diffs = [(p, a, b) for (r, _), (p, a, b) in zip(rel, every, strict=True) if r > rtol]
-    checked = {
-        "batch_id": entry.get("batch_id"),
-        "values": n,
-        "differing": len(every),
-        "max_relative_difference": worst[0],
-        "where": worst[1],
-        "replayed": {p: b for p, _, b in every},
-    }
-    if diffs:
-        shown = "; ".join(f"{p}: recorded {a!r}, replayed {b!r}" for p, a, b in diffs[:3])
-        message = (
-            f"batch {entry.get('batch_id')} (edits {entry['edits_after']} of {n_cases}) replayed differently "
-            f"from its record in batches.json ({len(diffs)} of {n} values differ by more than the relative "
-            f"tolerance {rtol:g}; {shown}). This machine or software does not reproduce the recorded stream "
-            "(or --targets-cache lacks its targets and they were optimised again): the folder's checkpoints "
-            "describe another model state. Start a new folder to run the stream from scratch; or, where the "
-            "differences are another CPU's rounding, remove the folder's editor/ and "
-            f"{REPLAY_MISMATCH_FILE} and replay with a larger --replay-rtol (each batch's largest difference "
-            f"and the values it replayed differently are kept in {REPLAY_FILE})."
-        )
-        save_json(out / REPLAY_MISMATCH_FILE, {"message": message})
-        raise ReplayMismatch(message, {**checked, "refused": True})
-    if every:
-        log.info(
-            "batch %d replayed: of %d values, %d as recorded and %d different but within the relative "
-            "tolerance %g (largest difference %.3g, %s)",
-            entry.get("batch_id"),
-            n,
-            n - len(every),
-            len(every),
-            rtol,
-            worst[0],
-            worst[1],
-        )
-    else:
-        log.info("batch %d replayed: %d values the same as recorded", entry.get("batch_id"), n)
-    return checked
-
-
-def _recorded_targets_keys(cache: Path | None, record: dict[str, Any], index: dict[str, Any]) -> list[str]:
-    """The targets cache keys a recorded batch used: its ``targets_keys`` or, for a record written before
-    batches kept them, the one file in ``cache`` holding ``n_requests`` targets whose mean initial and
-    final NLL are exactly the recorded ones (none where no single file matches). ``index`` memoises the
-    files' figures across calls."""
-    if "targets_keys" in record:
-        return list(record["targets_keys"])
-    if cache is None or not cache.is_dir():
-        return []
-    from rlsedit.store import load_tensors
-
-    if not index:
-        for path in sorted(cache.glob("targets-*.safetensors")):
-            try:
-                t = load_tensors(path)
-                figures = (int(t["z"].shape[0]), float(t["nll_init"].mean()), float(t["nll_final"].mean()))
-            except Exception as exc:  # an unreadable file matches nothing
-                log.warning("ignoring the cached target file %s: %s", path, exc)
-                continue
-            index[path.name[len("targets-") : -len(".safetensors")]] = figures
-    want = (int(record["n_requests"]), record.get("target_nll_init"), record.get("target_nll_final"))
-    keys = [k for k, figures in index.items() if figures == want]
-    return keys if len(keys) == 1 else []
-
-
 def _checkpoint(model, tok, spec: ExperimentSpec, edited: list[Case]) -> dict[str, Any]:
     """Scores after ``len(edited)`` edits: the summary over every edited case, or over
     ``spec.checkpoint_cases`` of them spread evenly, and each earliest ``retention`` slice in full."""
@@ -670,25 +547,8 @@ def run_experiment(
         chunks = [cases[i : i + spec.batch_size] for i in range(0, len(cases), spec.batch_size)]
         # batches recorded in batches.json that the editor's state does not hold: a folder seeded with a
         # recorded run's files (no editor/) replays them and checks each against its record
-        recorded = {
-            int(r["chunk"]): i for i, r in enumerate(reports) if int(r["chunk"]) >= len(editor.batches)
-        }
-        replay_log: list[dict[str, Any]] = []
-        if recorded:
-            log.info(
-                "replaying %d recorded batches (targets from --targets-cache where it has them); each is "
-                "checked against its record in batches.json",
-                len(recorded),
-            )
-            replays_path = out / REPLAY_FILE
-            replays = load_json(replays_path) if replays_path.exists() else []
-            replays.append(
-                {"command": command, "machine": machine(), "rtol": replay_rtol, "batches": replay_log}
-            )
-            save_json(replays_path, replays)  # a refused replay is on record too
-        n_replayed = 0
+        replay = Replay(out, reports, len(editor.batches), command, replay_rtol, len(cases))
         here = machine()  # each batch applied now says where (a stream carried across machines mixes them)
-        target_index: dict[str, Any] = {}
         done = 0
         stopped_at: int | None = None  # the index of the first chunk not applied, if stopped
         # a stop falls at the end of the chunk that reaches stop_after
@@ -702,14 +562,12 @@ def run_experiment(
             if stop_after is not None and done >= stop_after:
                 stopped_at = k
                 break
-            replay = k in recorded  # this chunk's batch is in batches.json, but not in the editor's state
-            keys = None
-            if replay and targets_cache is not None and static is None:
-                keys = _recorded_targets_keys(Path(targets_cache), reports[recorded[k]], target_index)
+            replaying = k in replay  # this chunk's batch is in batches.json, but not in the editor's state
+            keys = replay.target_keys(k, targets_cache) if static is None else None
             with editor.targets_provider.recorded(keys):
                 rep = editor.edit([c.request for c in chunk])
             done += len(chunk)
-            if rep.batches and not replay:  # applied now (a resumed run skips the chunks applied before)
+            if rep.batches and not replaying:  # applied now (a resumed run skips the chunks applied before)
                 pace.add(len(chunk), rep.seconds())
             objective = _objective(editor) if rep.batches else None
             for b in rep.batches:
@@ -717,16 +575,8 @@ def run_experiment(
                 entry["memory"] = {"rss_bytes": rss_bytes(), "max_rss_bytes": max_rss_bytes()}
                 if objective is not None:
                     entry["objective"] = objective
-                if replay:
-                    try:
-                        checked = _check_replay(out, reports[recorded[k]], entry, len(cases), replay_rtol)
-                    except ReplayMismatch as exc:  # the refused batch's comparison is on record too
-                        replay_log.append(exc.checked)
-                        save_json(replays_path, replays)
-                        raise
-                    replay_log.append(checked)
-                    save_json(replays_path, replays)
-                    n_replayed += 1
+                if replaying:
+                    replay.check(k, entry)
                     continue
                 entry["machine"] = here
                 reports.append(entry)
@@ -753,13 +603,7 @@ def run_experiment(
             if at_checkpoint and spec.capability is not None and not cap_ck.exists() and at_head:
                 log.info("general capability after %d edits", done)
                 save_json(cap_ck, {"edits": done, **_capability(model, tok, spec.capability)})
-    if n_replayed:
-        worst = max((b["max_relative_difference"] for b in replay_log), default=0.0)
-        log.info(
-            "replayed %d recorded batches: each as recorded (largest relative difference %.3g)",
-            n_replayed,
-            worst,
-        )
+    replay.close()
     if stopped_at is not None:
         if gen_cases and len(editor.batches) == stopped_at:  # the model holds exactly the first `done` edits
             _generation_at(out, done, editor, model, tok, gen_cases, spec)
