@@ -1,6 +1,7 @@
-"""Hooks of the bundled task definitions for lm-evaluation-harness (``custom_dataset``, ``doc_to_*``): the
-items, prompts, label words and gold labels are rlsedit's own (:mod:`rlsedit.eval.capability`), so the
-harness scores exactly the items and prompts our zero-shot code scores."""
+"""Hooks of the bundled task definitions for lm-evaluation-harness (``custom_dataset``, ``doc_to_text``,
+``doc_to_target``): the items, prompts and gold labels are rlsedit's own (:mod:`rlsedit.eval.capability`),
+so the harness scores exactly the items and prompts our zero-shot code scores. Each item carries its
+task's name (``_task``) for the prompt and gold hooks."""
 
 from __future__ import annotations
 
@@ -9,67 +10,18 @@ from typing import Any
 from rlsedit.eval.capability import capability_task, task_items
 
 
-def _docs(task: str, n_items: int = 100, seed: int = 0, **_: Any) -> dict[str, Any]:
+def docs(task: str, n_items: int = 100, seed: int = 0, **_: Any) -> dict[str, Any]:
+    """``{"test": the fixed sample of ``task``}`` (``n_items`` and ``seed`` come from the TaskManager's
+    metadata; ``task`` from the definition's ``dataset_kwargs``)."""
     import datasets
 
-    return {"test": datasets.Dataset.from_list(task_items(task, int(n_items), int(seed)))}
+    items = [{**x, "_task": task} for x in task_items(task, int(n_items), int(seed))]
+    return {"test": datasets.Dataset.from_list(items)}
 
 
-def sst2(**kw: Any) -> dict[str, Any]:
-    return _docs("sst2", **kw)
+def text(doc: dict[str, Any]) -> str:
+    return capability_task(doc["_task"]).prompt(doc)
 
 
-def mrpc(**kw: Any) -> dict[str, Any]:
-    return _docs("mrpc", **kw)
-
-
-def cola(**kw: Any) -> dict[str, Any]:
-    return _docs("cola", **kw)
-
-
-def rte(**kw: Any) -> dict[str, Any]:
-    return _docs("rte", **kw)
-
-
-def mmlu(**kw: Any) -> dict[str, Any]:
-    return _docs("mmlu", **kw)
-
-
-def sst2_text(doc: dict[str, Any]) -> str:
-    return capability_task("sst2").prompt(doc)
-
-
-def mrpc_text(doc: dict[str, Any]) -> str:
-    return capability_task("mrpc").prompt(doc)
-
-
-def cola_text(doc: dict[str, Any]) -> str:
-    return capability_task("cola").prompt(doc)
-
-
-def rte_text(doc: dict[str, Any]) -> str:
-    return capability_task("rte").prompt(doc)
-
-
-def mmlu_text(doc: dict[str, Any]) -> str:
-    return capability_task("mmlu").prompt(doc)
-
-
-def sst2_gold(doc: dict[str, Any]) -> int:
-    return capability_task("sst2").gold(doc)
-
-
-def mrpc_gold(doc: dict[str, Any]) -> int:
-    return capability_task("mrpc").gold(doc)
-
-
-def cola_gold(doc: dict[str, Any]) -> int:
-    return capability_task("cola").gold(doc)
-
-
-def rte_gold(doc: dict[str, Any]) -> int:
-    return capability_task("rte").gold(doc)
-
-
-def mmlu_gold(doc: dict[str, Any]) -> int:
-    return capability_task("mmlu").gold(doc)
+def gold(doc: dict[str, Any]) -> int:
+    return capability_task(doc["_task"]).gold(doc)
