@@ -89,3 +89,15 @@ def test_eval_and_run_store_the_harness_results(
     res = json.loads((exp / "results.json").read_text())
     for when in ("pre", "post"):
         assert res["capability"][when]["cola"]["backend"] == "lm-eval"
+
+
+def test_harness_named_tasks_run_with_the_harness_results() -> None:
+    """`lm_eval` names tasks as the harness registers them (ours too, as rlsedit_<task>); their results
+    are the harness's own, per task."""
+    model, tok = tiny_model("llama", seed=3)
+    cap = evaluate_capability(
+        model, tok, {"tasks": [], "perplexity": False, "lm_eval": ["rlsedit_rte"], "lm_eval_limit": 6}
+    )
+    r = cap["lm_eval"]["results"]["rlsedit_rte"]
+    assert 0.0 <= r["acc,none"] <= 1.0 and cap["lm_eval"]["harness"]
+    assert r["sample_len"] == 6

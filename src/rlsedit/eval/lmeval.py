@@ -142,11 +142,18 @@ def lm_eval_tasks(
     _require()
     import lm_eval
     from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
 
     _quiet_harness()
     t0 = time.perf_counter()
+    # the harness's tasks, and ours under their harness names (rlsedit_sst2, ...: the default sample)
+    manager = TaskManager(include_path=str(BUNDLED_TASKS_DIR))
     res = simple_evaluate(
-        model=_wrapper(model, tokenizer, batch_size), tasks=list(tasks), limit=limit, log_samples=False
+        model=_wrapper(model, tokenizer, batch_size),
+        tasks=list(tasks),
+        limit=limit,
+        log_samples=False,
+        task_manager=manager,
     )
     results = {
         k: {m: v for m, v in r.items() if isinstance(v, (int, float, str))} for k, r in res["results"].items()
