@@ -1,8 +1,8 @@
 """Our zero-shot scoring and lm-evaluation-harness's on the same items and prompts, side by side.
 
 Both backends of :func:`rlsedit.eval.capability.evaluate_capability` score the bundled tasks' fixed
-samples (``--items`` per task, seed 0) on the unedited model; the table gives each one's accuracy and the
-number of items where their predictions differ. Writes OUT/agreement.json and OUT/AGREEMENT.md.
+samples (``--items`` per task, seed 0) on the unedited model; the table gives each one's accuracy and
+predictions per label. Writes OUT/agreement.json and OUT/AGREEMENT.md.
 
     python experiments/lmeval_agreement.py --out docs/results/lm-eval --items 100
 """
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from rlsedit.eval.capability import CAPABILITY_TASKS, capability_task, label_logprobs, task_items
+from rlsedit.eval.capability import CAPABILITY_TASKS, zero_shot_accuracy
 from rlsedit.eval.lmeval import lm_eval_accuracy
 from rlsedit.models.load import load_model
 from rlsedit.store import save_json
@@ -38,24 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     t_ours = 0.0
     for task in tasks:
-        spec = capability_task(task)
-        items = task_items(task, args.items)
-        t1 = time.perf_counter()
-        scores = label_logprobs(model, tok, [spec.prompt(x) for x in items], spec.labels)
-        t_ours += time.perf_counter() - t1
-        ours = scores.argmax(-1).tolist()
-        gold = [spec.gold(x) for x in items]
-        correct = sum(int(a == b) for a, b in zip(ours, gold, strict=True))
+        ours = zero_shot_accuracy(model, tok, task, n_items=args.items)
+        t_ours += ours["seconds"]
         h = harness[task]
         rows.append(
             {
                 "task": task,
-                "n": len(items),
-                "ours": 100.0 * correct / len(items),
+                "n": ours["n"],
+                "ours": ours["accuracy"],
                 "harness": h["accuracy"],
                 "harness_ci95": h["ci95"],
                 "harness_predicted": h["predicted"],
-                "ours_predicted": {lab: ours.count(j) for j, lab in enumerate(spec.labels)},
+                "ours_predicted": ours["predicted"],
             }
         )
     out = Path(args.out)

@@ -497,16 +497,21 @@ def run_experiment(
     model, tok = load_model(spec.model, device=device, dtype=dtype)
     log.info("model %s loaded in %.1fs", spec.model, time.perf_counter() - t_load)
     config = check_config(spec.method, model, spec.overrides)
+    # the edits this call applies: a stop falls at the end of the chunk that reaches stop_after
+    end = (
+        len(cases)
+        if stop_after is None
+        else min(len(cases), -(-stop_after // spec.batch_size) * spec.batch_size)
+    )
     if static is not None:
         templates = generate_context_templates(
             model, tok, n=config.n_templates, length=config.template_length, seed=config.seed
         )
-        # the requests this call applies (a later call with a larger stop_after checks its own)
-        upto = len(cases) if stop_after is None else -(-stop_after // spec.batch_size) * spec.batch_size
+        # only the requests this call applies (a later call with a larger stop_after checks its own)
         static.check(
             model,
             target_settings(config.layers[-1], templates, config.targets),
-            [c.request for c in cases[:upto]],
+            [c.request for c in cases[:end]],
         )
     out.mkdir(parents=True, exist_ok=True)
     if not spec_path.exists():
@@ -551,12 +556,6 @@ def run_experiment(
         here = machine()  # each batch applied now says where (a stream carried across machines mixes them)
         done = 0
         stopped_at: int | None = None  # the index of the first chunk not applied, if stopped
-        # a stop falls at the end of the chunk that reaches stop_after
-        end = (
-            len(cases)
-            if stop_after is None
-            else min(len(cases), -(-stop_after // spec.batch_size) * spec.batch_size)
-        )
         pace = _Pace(end)
         for k, chunk in enumerate(chunks):
             if stop_after is not None and done >= stop_after:

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rlsedit.eval.lmeval import harness_available
 from rlsedit.eval.summary import Z95, wilson_interval
 from rlsedit.locate.tokens import pad_id_of, pad_rows
 from rlsedit.models.arch import input_device
@@ -54,6 +55,7 @@ from rlsedit.models.arch import input_device
 __all__ = [
     "CAPABILITY_TASKS",
     "CapabilityConfig",
+    "accuracy_record",
     "capability_task",
     "evaluate_capability",
     "label_logprobs",
@@ -105,7 +107,7 @@ class CapabilityConfig:
             raise ValueError(f"backend must be 'auto', 'lm-eval' or 'rlsedit', got {self.backend!r}")
         if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
             raise ValueError("lm_eval_limit must be >= 1 (or None: every document)")
-        if ((self.backend == "lm-eval" and self.tasks) or self.lm_eval) and not _harness():
+        if ((self.backend == "lm-eval" and self.tasks) or self.lm_eval) and not harness_available():
             raise ValueError(
                 "lm-evaluation-harness is not installed: pip install 'rlsedit[lmeval]' (the package lm-eval)"
             )
@@ -126,14 +128,8 @@ class CapabilityConfig:
     def zero_shot_backend(self) -> str:
         """Who scores ``tasks`` here: "lm-eval" or "rlsedit"."""
         if self.backend == "auto":
-            return "lm-eval" if _harness() else "rlsedit"
+            return "lm-eval" if harness_available() else "rlsedit"
         return self.backend
-
-
-def _harness() -> bool:
-    from rlsedit.eval.lmeval import harness_available
-
-    return harness_available()
 
 
 # ------------------------------------------------------------------------------------------------ items
@@ -326,20 +322,27 @@ def zero_shot_accuracy(
     scores = label_logprobs(model, tokenizer, [spec.prompt(x) for x in items], spec.labels, batch_size)
     pred = scores.argmax(-1).tolist()
     gold = [spec.gold(x) for x in items]
+    return {**accuracy_record(task, pred, gold, time.perf_counter() - t0), "backend": "rlsedit"}
+
+
+def accuracy_record(task: str, pred: Sequence[int], gold: Sequence[int], seconds: float) -> dict[str, Any]:
+    """The result of one zero-shot task from its predicted and gold label indices (whoever scored them):
+    ``{"task", "accuracy" (%), "ci95": [low, high] (%, Wilson), "chance" (%), "n", "correct", "labels",
+    "predicted": {label: count}, "seconds"}``."""
+    labels = capability_task(task).labels
     correct = sum(int(p == g) for p, g in zip(pred, gold, strict=True))
-    n = len(items)
+    n = len(gold)
     lo, hi = wilson_interval(correct, n)
     return {
         "task": task,
         "accuracy": 100.0 * correct / n if n else None,
         "ci95": [100.0 * lo, 100.0 * hi],
-        "chance": 100.0 / len(spec.labels),
+        "chance": 100.0 / len(labels),
         "n": n,
         "correct": correct,
-        "labels": list(spec.labels),
-        "predicted": {lab: sum(1 for p in pred if p == j) for j, lab in enumerate(spec.labels)},
-        "seconds": time.perf_counter() - t0,
-        "backend": "rlsedit",
+        "labels": list(labels),
+        "predicted": {lab: sum(1 for p in pred if p == j) for j, lab in enumerate(labels)},
+        "seconds": seconds,
     }
 
 

@@ -25,8 +25,6 @@ from typing import Any
 
 from torch import nn
 
-from rlsedit.eval.summary import wilson_interval
-
 __all__ = ["BUNDLED_TASKS_DIR", "harness_available", "lm_eval_accuracy", "lm_eval_tasks"]
 
 log = logging.getLogger(__name__)
@@ -50,8 +48,9 @@ def _require() -> None:
 def _wrapper(model: nn.Module, tokenizer: Any, batch_size: int) -> Any:
     from lm_eval.models.huggingface import HFLM
 
-    device = next(model.parameters()).device
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+    from rlsedit.models.arch import input_device
+
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(input_device(model)))
 
 
 def _quiet_harness() -> None:
@@ -75,7 +74,7 @@ def lm_eval_accuracy(
         ``{task: {"task", "accuracy" (%), "ci95", "chance", "n", "correct", "labels", "predicted",
         "seconds", "backend": "lm-eval", "harness": version}}``.
     """
-    from rlsedit.eval.capability import CAPABILITY_TASKS, capability_task
+    from rlsedit.eval.capability import CAPABILITY_TASKS, accuracy_record, capability_task
 
     _require()
     bad = [t for t in tasks if t not in CAPABILITY_TASKS]
@@ -103,29 +102,14 @@ def lm_eval_accuracy(
     seconds = time.perf_counter() - t0
     out: dict[str, dict[str, Any]] = {}
     for task, name in zip(tasks, names, strict=True):
-        labels = capability_task(task).labels
+        k = len(capability_task(task).labels)
         samples = sorted(res["samples"][name], key=lambda s: s["doc_id"])
-        pred = [max(range(len(labels)), key=lambda j, s=s: s["filtered_resps"][j][0]) for s in samples]
-        gold = [int(s["target"]) for s in samples]
-        correct = sum(int(p == g) for p, g in zip(pred, gold, strict=True))
-        n = len(samples)
-        lo, hi = wilson_interval(correct, n)
-        acc = res["results"][name]["acc,none"]
-        if n and abs(100.0 * acc - 100.0 * correct / n) > 1e-6:  # the harness's own aggregate agrees
-            raise RuntimeError(f"{name}: harness accuracy {acc} != {correct}/{n} from its samples")
-        out[task] = {
-            "task": task,
-            "accuracy": 100.0 * correct / n if n else None,
-            "ci95": [100.0 * lo, 100.0 * hi],
-            "chance": 100.0 / len(labels),
-            "n": n,
-            "correct": correct,
-            "labels": list(labels),
-            "predicted": {lab: sum(1 for p in pred if p == j) for j, lab in enumerate(labels)},
-            "seconds": seconds / len(tasks),
-            "backend": "lm-eval",
-            "harness": getattr(lm_eval, "__version__", "unknown"),
-        }
+        pred = [max(range(k), key=lambda j, s=s: s["filtered_resps"][j][0]) for s in samples]
+        rec = accuracy_record(task, pred, [int(s["target"]) for s in samples], seconds / len(tasks))
+        acc, n = res["results"][name]["acc,none"], rec["n"]
+        if n and abs(100.0 * acc - rec["accuracy"]) > 1e-6:  # the harness's own aggregate agrees
+            raise RuntimeError(f"{name}: harness accuracy {acc} != {rec['correct']}/{n} from its samples")
+        out[task] = {**rec, "backend": "lm-eval", "harness": getattr(lm_eval, "__version__", "unknown")}
     return out
 
 

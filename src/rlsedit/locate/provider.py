@@ -321,7 +321,7 @@ class TargetProvider:
         from rlsedit.store import CorruptStateError, load_tensors, save_tensors
 
         def compute() -> tuple[torch.Tensor, torch.Tensor]:
-            K, K_prompt = compute_keys(
+            return compute_keys(  # type: ignore[return-value]  (with_prompt: a pair)
                 model,
                 tokenizer,
                 requests,
@@ -331,7 +331,6 @@ class TargetProvider:
                 with_prompt=True,
                 lower=lower,
             )
-            return K, K_prompt
 
         if self.static is None or not self.keep_keys:
             return compute()

@@ -1,7 +1,7 @@
 """Hooks of the bundled task definitions for lm-evaluation-harness (``custom_dataset``, ``doc_to_text``,
-``doc_to_target``): the items, prompts and gold labels are rlsedit's own (:mod:`rlsedit.eval.capability`),
-so the harness scores exactly the items and prompts our zero-shot code scores. Each item carries its
-task's name (``_task``) for the prompt and gold hooks."""
+``doc_to_target``, ``doc_to_choice``): the items, prompts, gold labels and label words are rlsedit's own
+(:mod:`rlsedit.eval.capability`), so the harness scores exactly what our zero-shot code scores. Each item
+carries its task's name (``_task``) for the other hooks."""
 
 from __future__ import annotations
 
@@ -25,3 +25,7 @@ def text(doc: dict[str, Any]) -> str:
 
 def gold(doc: dict[str, Any]) -> int:
     return capability_task(doc["_task"]).gold(doc)
+
+
+def choices(doc: dict[str, Any]) -> list[str]:
+    return list(capability_task(doc["_task"]).labels)
