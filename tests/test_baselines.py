@@ -15,7 +15,8 @@ import torch
 import tiny_models
 from rlsedit import EditRequest, make_editor
 from rlsedit.configs import model_defaults
-from rlsedit.editors.base import EditError, LocateThenEditEditor, _Pending, build_config, editor_class
+from rlsedit.editors.base import EditError, LayerUpdate, build_config, editor_class
+from rlsedit.editors.loop import LocateThenEditEditor
 from rlsedit.models.arch import num_layers
 
 D_K, D_V = tiny_models.TINY_DIMS["intermediate"], tiny_models.TINY_DIMS["hidden"]
@@ -241,10 +242,12 @@ class _Counting(LocateThenEditEditor):
         W: torch.Tensor,
         *,
         K_prompt: torch.Tensor | None = None,
-    ) -> _Pending:
+    ) -> LayerUpdate:
         assert K.shape[1] == 1 and E.shape[0] == 1
         n = self.layer_state[layer]["n"]
-        return _Pending(torch.zeros_like(W, dtype=torch.float64), {"n": n + 1}, {"K": K.float().contiguous()})
+        return LayerUpdate(
+            torch.zeros_like(W, dtype=torch.float64), {"n": n + 1}, {"K": K.float().contiguous()}
+        )
 
 
 def test_one_request_at_a_time_threads_state_and_keeps_records() -> None:
@@ -349,7 +352,7 @@ def test_norm_anchor_targets_follow_nas() -> None:
     """Reference (NAS ``compute_z``): ``v* = delta + v0``; if ``||v*|| > 2 mean`` then ``v* = v0`` else
     ``v* = v* * mean / ||v*||``; ``target = (target_init - v0) + v*``; ``mean`` the upper-trimmed (95%) mean
     of ``||v*||`` over sampled requests."""
-    from rlsedit.editors.base import norm_anchor_targets, reference_value_norm
+    from rlsedit.locate.norm_anchor import norm_anchor_targets, reference_value_norm
 
     g = torch.Generator().manual_seed(0)
     h0 = torch.randn(5, 8, generator=g, dtype=torch.float64)
@@ -379,8 +382,8 @@ def test_norm_anchor_is_measured_once_and_applied_by_every_closed_form_editor() 
     """The reference is measured on the unedited model from tune cases (kept in the config), and each
     batch's targets are rescaled before the solve: the MEMIT and AlphaEdit editors take the same option."""
     from rlsedit.datasets import load_counterfact
-    from rlsedit.editors.base import norm_anchor_targets, reference_value_norm
     from rlsedit.locate import compute_hidden, compute_targets
+    from rlsedit.locate.norm_anchor import norm_anchor_targets, reference_value_norm
 
     ed = editor_on_tiny("memit", [2, 3], norm_anchor=True, norm_anchor_samples=3)
     tune = load_counterfact(split="tune")

@@ -165,13 +165,13 @@ def test_bad_run_input_writes_nothing_and_loads_no_model(
         run_experiment(_stream_spec(model_dir), out, stop_after=-1)
     assert not out.exists()
     monkeypatch.undo()  # a layer the model lacks: refused once the model is loaded, before it is scored
-    import rlsedit.experiment
+    import rlsedit.measure
 
     def no_scoring(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the unedited model was scored for settings refused anyway")
 
-    monkeypatch.setattr(rlsedit.experiment, "_generation", no_scoring)
-    monkeypatch.setattr(rlsedit.experiment, "_capability", no_scoring)
+    monkeypatch.setattr(rlsedit.measure, "generation", no_scoring)
+    monkeypatch.setattr(rlsedit.measure, "capability", no_scoring)
     argv = ["run", "--model", str(model_dir), "--split", "tune", "--edits", "2", "--capability"]
     assert cli.main([*argv, "--set", "layers=[2,99]", "--out", str(out)]) == 1
     assert cli.main([*argv, "--set", "mu=-1", "--out", str(out)]) == 1
@@ -894,14 +894,14 @@ def test_final_scoring_resumes_after_its_last_saved_piece(
 ) -> None:
     """The post-edit scoring of a long stream is saved piece by piece: an interrupted one scores only the
     cases left, a torn last line is scored again, and a file of another editor state is not reused."""
-    from rlsedit import experiment as ex
+    from rlsedit import measure as ex
     from rlsedit.datasets import load_counterfact
 
     model, tok = tiny_model("llama", seed=3)
     cases = load_counterfact(split="tune", limit=7)
     key = {"batches": 2, "last_hash": "abc", "active": 7}
-    whole = ex._score(model, tok, cases, {cases[1].case_id}, "counterfact")
-    real, calls = ex._records, []
+    whole = ex.score(model, tok, cases, {cases[1].case_id}, "counterfact")
+    real, calls = ex.records, []
 
     def counted(m: Any, t: Any, cs: list[Any], ds: str) -> list[dict[str, Any]]:
         calls.append([c.case_id for c in cs])
@@ -909,15 +909,15 @@ def test_final_scoring_resumes_after_its_last_saved_piece(
             raise KeyboardInterrupt  # stopped during the third piece
         return real(m, t, cs, ds)
 
-    monkeypatch.setattr(ex, "_records", counted)
+    monkeypatch.setattr(ex, "records", counted)
     partial = tmp_path / "post.partial.jsonl"
     with pytest.raises(KeyboardInterrupt):
-        ex._score_in_pieces(partial, model, tok, cases, {cases[1].case_id}, "counterfact", key, piece=2)
+        ex.score_in_pieces(partial, model, tok, cases, {cases[1].case_id}, "counterfact", key, piece=2)
     assert len(partial.read_text().splitlines()) == 3  # the head and two pieces
     with partial.open("a") as f:
         f.write('{"records": [{"case_id"')  # a torn line: a crash while appending
     calls.clear()
-    res = ex._score_in_pieces(partial, model, tok, cases, {cases[1].case_id}, "counterfact", key, piece=2)
+    res = ex.score_in_pieces(partial, model, tok, cases, {cases[1].case_id}, "counterfact", key, piece=2)
     assert calls == [[c.case_id for c in cases[4:6]], [cases[6].case_id]]
     assert res["summary"] == whole["summary"] and res["superseded"] == whole["superseded"]
     assert [r["case_id"] for r in res["records"]] == [c.case_id for c in cases]
@@ -926,7 +926,7 @@ def test_final_scoring_resumes_after_its_last_saved_piece(
         for k, v in want.items():
             assert got[k] == (pytest.approx(v, rel=1e-4, abs=1e-5) if isinstance(v, list) else v), k
     calls.clear()
-    ex._score_in_pieces(partial, model, tok, cases, set(), "counterfact", {**key, "batches": 3}, piece=4)
+    ex.score_in_pieces(partial, model, tok, cases, set(), "counterfact", {**key, "batches": 3}, piece=4)
     assert len(calls) == 2  # another editor state: everything scored again
 
 

@@ -434,15 +434,15 @@ def test_double_buffering_reuses_memory_and_changes_nothing() -> None:
     _check_minimiser(fast, what="double buffered")
     # a batch that fails after its solve leaves the state as it was, and the next batch still matches
     snap = _snapshot(fast)
-    orig = fast._write_records
+    orig = fast.recorder.write_records
 
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk full")
 
-    fast._write_records = boom  # type: ignore[method-assign]
+    fast.recorder.write_records = boom  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="disk full"):
         fast.edit(REQUESTS[5:6])
-    fast._write_records = orig  # type: ignore[method-assign]
+    fast.recorder.write_records = orig  # type: ignore[method-assign]
     _assert_unchanged(fast, snap)
     for editor in (fast, plain):
         editor.edit(REQUESTS[5:6])

@@ -22,7 +22,7 @@ import torch
 
 import tiny_models
 from rlsedit.editors import EditError, load_editor, make_editor
-from rlsedit.editors.base import _Pending
+from rlsedit.editors.base import LayerUpdate
 from rlsedit.store import RunStore
 
 REQUESTS: list[dict[str, Any]] = [
@@ -64,26 +64,26 @@ def editor(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     return ed
 
 
-def corrupt_second_layer(editor: Any, corrupt: Callable[[_Pending], _Pending]) -> None:
+def corrupt_second_layer(editor: Any, corrupt: Callable[[LayerUpdate], LayerUpdate]) -> None:
     """Make ``editor.solve`` return ``corrupt(result)`` at the second edited layer."""
     original = editor.solve
     second = editor.config.layers[1]
 
-    def solve(layer: int, K: torch.Tensor, E: torch.Tensor, W: torch.Tensor, **kw: Any) -> _Pending:
+    def solve(layer: int, K: torch.Tensor, E: torch.Tensor, W: torch.Tensor, **kw: Any) -> LayerUpdate:
         p = original(layer, K, E, W, **kw)
         return corrupt(p) if layer == second else p
 
     editor.solve = solve
 
 
-def _scaled(p: _Pending, value: float) -> _Pending:
-    return _Pending(delta=torch.full_like(p.delta, value), state=p.state, record=p.record)
+def _scaled(p: LayerUpdate, value: float) -> LayerUpdate:
+    return LayerUpdate(delta=torch.full_like(p.delta, value), state=p.state, record=p.record)
 
 
-def _nan_state(p: _Pending) -> _Pending:
+def _nan_state(p: LayerUpdate) -> LayerUpdate:
     state = {k: v.clone() for k, v in p.state.items()}
     state["C"][0, 0] = float("nan")
-    return _Pending(delta=p.delta, state=state, record=p.record)
+    return LayerUpdate(delta=p.delta, state=state, record=p.record)
 
 
 @pytest.mark.parametrize(
@@ -93,13 +93,13 @@ def _nan_state(p: _Pending) -> _Pending:
         (lambda p: _scaled(p, float("inf")), "the update is not finite"),
         (lambda p: _scaled(p, -float("inf")), "the update is not finite"),
         (lambda p: _scaled(p, 1e30), "max_delta_ratio"),
-        (lambda p: _Pending(p.delta * 1e6, p.state, p.record), "max_delta_ratio"),
+        (lambda p: LayerUpdate(p.delta * 1e6, p.state, p.record), "max_delta_ratio"),
         (_nan_state, "state 'C' would not be finite"),
     ],
     ids=["nan", "inf", "-inf", "huge", "scaled", "nan-state"],
 )
 def test_non_finite_or_unbounded_update_is_rolled_back(
-    editor: Any, tmp_path: Path, corrupt: Callable[[_Pending], _Pending], message: str
+    editor: Any, tmp_path: Path, corrupt: Callable[[LayerUpdate], LayerUpdate], message: str
 ) -> None:
     before = snapshot(editor, tmp_path / "run")
     corrupt_second_layer(editor, corrupt)
@@ -144,7 +144,7 @@ def test_failure_after_records_were_written_leaves_no_trace(editor: Any, tmp_pat
         editor.after_batch = boom
         expected: type[BaseException] = RuntimeError
     elif where == "commit":
-        store = editor._store
+        store = editor.recorder.attached
         original_commit = store.commit
 
         def commit(*args: Any, **kwargs: Any) -> int:

@@ -30,20 +30,20 @@ consistency is None without ROME's reference files); zsRE ``efficacy``, ``genera
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlsedit import measure
 from rlsedit.datasets import CounterFactCase, ZsreCase, superseded_cases
+from rlsedit.measure import summarize_cases, unedited_records
 from rlsedit.memory import max_rss_bytes, rss_bytes
 from rlsedit.replay import REPLAY_MISMATCH_FILE, REPLAY_RTOL, Replay, ReplayMismatch, machine
 from rlsedit.runs import load_checkpoints, load_results, timing_sums
-from rlsedit.store import RunStore, atomic_write_bytes, load_json, save_json
+from rlsedit.store import RunStore, load_json, save_json
 from rlsedit.tasks import get_task, task_names
 
 __all__ = [
@@ -162,58 +162,6 @@ def _cases(spec: ExperimentSpec) -> list[Case]:
     return cases
 
 
-def _spread(cases: list[Case], k: int, skip: set) -> list[Case]:
-    """``k`` cases spread evenly over ``cases`` (those in ``skip`` left out), in stream order."""
-    pool = [c for c in cases if c.case_id not in skip]
-    if k >= len(pool):
-        return pool
-    return [pool[i * len(pool) // k] for i in range(k)]
-
-
-def _spread_indices(n: int, k: int) -> list[int]:
-    """``min(k, n)`` distinct indices spread evenly over ``range(n)``, the first and the last included."""
-    if k >= n:
-        return list(range(n))
-    if k == 1:
-        return [n - 1]
-    return [j * (n - 1) // (k - 1) for j in range(k)]
-
-
-#: Version of the per-case scoring kept in a pre-edit score cache (bump when the scoring changes).
-PRE_CACHE_FORMAT = 1
-
-
-def unedited_records(
-    model, tok, cases: list[Case], dataset: str, cache_dir: str | Path | None
-) -> list[dict[str, Any]]:
-    """Per-case records of the unedited ``model`` on ``cases``, in order; with ``cache_dir``, records of
-    earlier runs on the same model (fingerprint) and dataset are reused and new ones appended there."""
-    from rlsedit.models.load import model_fingerprint
-
-    if cache_dir is None:
-        return _records(model, tok, cases, dataset)
-    path = Path(cache_dir) / f"pre-{model_fingerprint(model)}-{dataset}-v{PRE_CACHE_FORMAT}.jsonl"
-    known: dict[Any, dict[str, Any]] = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():  # a torn last line (a crash while appending) is skipped and re-scored
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                known[rec["case_id"]] = rec
-    todo = [c for c in cases if c.case_id not in known]
-    log.info("pre-edit scores: %d of %d cases from %s", len(cases) - len(todo), len(cases), path)
-    if todo:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for start in range(0, len(todo), 500):  # appended in pieces: an interrupted scoring keeps its work
-            recs = _records(model, tok, todo[start : start + 500], dataset)
-            with path.open("a", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
-            known.update((r["case_id"], r) for r in recs)
-    return [known[c.case_id] for c in cases]
-
-
 class _Pace:
     """The editing pace of one invocation of a stream, for the remaining time its log lines give."""
 
@@ -245,186 +193,6 @@ def _steps(b: Any) -> str:
     if math.isfinite(b.residual_before) and math.isfinite(b.residual_after):
         steps += f"; residual {b.residual_before:.2f} -> {b.residual_after:.2f}"
     return steps
-
-
-def _state_key(editor: Any) -> dict[str, Any]:
-    """What identifies the editor's current state (for files computed after the last batch)."""
-    last = editor.batches[-1] if editor.batches else None
-    return {
-        "batches": len(editor.batches),
-        "last_hash": None if last is None else last["hash"],
-        "active": int(editor.n_applied),
-    }
-
-
-def _once(path: Path, compute: Any, key: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``path``'s content if it exists (and, with ``key``, was computed for that state); else compute it,
-    save it atomically and return it."""
-    if path.exists():
-        saved = load_json(path)
-        if key is None or saved.get("state") == key:
-            return saved
-        log.info("%s was computed for another editor state; recomputing", path.name)
-    res = compute()
-    if key is not None:
-        res = {**res, "state": key}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_json(path, res)
-    return res
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    data = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
-    atomic_write_bytes(path, data.encode())
-
-
-def summarize_cases(dataset: str, records: list[dict[str, Any]], exclude: Any = ()) -> dict[str, Any]:
-    """The dataset's summary (means, accuracies, intervals, ``n``) of per-case records, the cases in
-    ``exclude`` (e.g. superseded ones) left out."""
-    return _summarize(dataset, records, exclude)
-
-
-def _summarize(dataset: str, records: list[dict[str, Any]], exclude: Any = ()) -> dict[str, Any]:
-    return get_task(dataset).summarize(records, exclude)
-
-
-def _records(model, tok, cases: list[Case], dataset: str) -> list[dict[str, Any]]:
-    """Per-case scores of ``model`` on ``cases`` (the dataset's scorer)."""
-    return get_task(dataset).score(model, tok, cases)
-
-
-def _score(model, tok, cases: list[Case], exclude: set, dataset: str = "counterfact") -> dict[str, Any]:
-    t0 = time.perf_counter()
-    return _scored(dataset, _records(model, tok, cases, dataset), exclude, time.perf_counter() - t0)
-
-
-#: Cases per piece of the final post-edit scoring (each piece is saved as it finishes).
-SCORE_PIECE = 500
-
-
-def _score_in_pieces(
-    partial: Path,
-    model,
-    tok,
-    cases: list[Case],
-    exclude: set,
-    dataset: str,
-    key: dict[str, Any],
-    piece: int = SCORE_PIECE,
-) -> dict[str, Any]:
-    """:func:`_score` of ``cases``, ``piece`` cases at a time, each piece appended to ``partial`` (JSON lines)
-    as it finishes: scoring 10,000 CounterFact cases takes ~18 min for SmolLM2-135M on 2 CPU cores, and an
-    interrupted one resumes after its last saved piece. The first line records the editor state (``key``)
-    and the cases; pieces saved for another state or other cases are discarded, a torn last line is
-    scored again."""
-    head = {"state": key, "dataset": dataset, "case_ids": [c.case_id for c in cases]}
-    rows: list[dict[str, Any]] = []
-    if partial.exists():
-        for line in partial.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a crash while appending: this piece is scored again
-        if rows and rows[0] != head:
-            log.info("%s was written for another editor state or other cases; starting again", partial.name)
-            rows = []
-    rows = rows or [head]
-    # rewritten whole (without a torn tail), so the next piece starts on a line of its own
-    atomic_write_bytes(partial, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
-    recs = [rec for row in rows[1:] for rec in row["records"]]
-    seconds = sum(row["seconds"] for row in rows[1:])
-    if recs:
-        log.info("%s: %d of %d cases already scored", partial.name, len(recs), len(cases))
-    for start in range(len(recs), len(cases), piece):
-        t0 = time.perf_counter()
-        new = _records(model, tok, cases[start : start + piece], dataset)
-        took = time.perf_counter() - t0
-        with partial.open("a", encoding="utf-8") as f:
-            f.write(json.dumps({"records": new, "seconds": took}, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        recs.extend(new)
-        seconds += took
-        log.info("scored %d of %d cases (%.0f s)", len(recs), len(cases), seconds)
-    return _scored(dataset, recs, exclude, seconds)
-
-
-def _scored(dataset: str, recs: list[dict[str, Any]], exclude: set, seconds: float) -> dict[str, Any]:
-    return {
-        "summary": _summarize(dataset, recs, exclude),
-        "superseded": _summarize(dataset, [r for r in recs if r["case_id"] in exclude]),
-        "records": recs,
-        "seconds": seconds,
-    }
-
-
-def _generation(model, tok, cases: list[Case], consistency_dir: str | None) -> dict[str, Any]:
-    """Fluency / consistency records and summary of CounterFact ``cases``."""
-    from rlsedit.eval.fluency import ConsistencyReference, score_generation, summarize_generation
-
-    t0 = time.perf_counter()
-    ref = ConsistencyReference.load(consistency_dir) if consistency_dir else None
-    recs = score_generation(model, tok, cases, reference=ref)
-    return {
-        "summary": summarize_generation(recs, reference=ref is not None),
-        "records": recs,
-        "seconds": time.perf_counter() - t0,
-    }
-
-
-def _generation_at(
-    out: Path, done: int, editor: Any, model, tok, cases: list[Case], spec: ExperimentSpec
-) -> dict[str, Any]:
-    """``generation/<done>.json``: fluency / consistency of the model as it is after ``done`` edits (the
-    same cases as ``generation/pre.json``), computed once for this editor state."""
-    path = out / "generation" / f"{done:06d}.json"
-    if not path.exists():
-        log.info("generating after %d edits (%d cases)", done, len(cases))
-    res = _once(
-        path,
-        lambda: {"edits": done, **_generation(model, tok, cases, spec.consistency_dir)},
-        _state_key(editor),
-    )
-    log.info("fluency after %d edits: %s", done, _fmt({**res["summary"], "n": len(cases)}))
-    return res
-
-
-def _capability(model, tok, config: dict[str, Any]) -> dict[str, Any]:
-    from rlsedit.eval.capability import evaluate_capability
-
-    return evaluate_capability(model, tok, config)
-
-
-def _objective(editor: Any) -> dict[str, Any] | None:
-    """The editor's objective terms per layer (None for an editor without a stated objective)."""
-    from rlsedit.editors.base import HasObjective
-
-    if not isinstance(editor, HasObjective):
-        return None
-    return {str(layer): terms for layer, terms in editor.objective_terms().items()}
-
-
-def _checkpoint(model, tok, spec: ExperimentSpec, edited: list[Case]) -> dict[str, Any]:
-    """Scores after ``len(edited)`` edits: the summary over every edited case, or over
-    ``spec.checkpoint_cases`` of them spread evenly, and each earliest ``retention`` slice in full."""
-    done = len(edited)
-    exclude = set(superseded_cases(edited))
-    sizes = [size for size in spec.retention if size < done]
-    sample = _spread_indices(done, spec.checkpoint_cases) if spec.checkpoint_cases else list(range(done))
-    scored = sorted(set(sample) | set(range(max(sizes, default=0))))
-    t0 = time.perf_counter()
-    recs = _score(model, tok, [edited[i] for i in scored], exclude, spec.dataset)["records"]
-    at = dict(zip(scored, recs, strict=True))
-    return {
-        "edits": done,
-        "summary": _summarize(spec.dataset, [at[i] for i in sample], exclude),
-        "summary_cases": len(sample),
-        "retention": {
-            str(size): _summarize(spec.dataset, [at[i] for i in range(size)], exclude) for size in sizes
-        },
-        "cases_scored": len(scored),
-        "seconds": time.perf_counter() - t0,
-    }
 
 
 def run_experiment(
@@ -466,19 +234,76 @@ def run_experiment(
     model, last layer, templates or target settings, or lacking a request of the stream, is refused
     before anything is written.
     """
-    from rlsedit.editors import load_editor, make_editor
-    from rlsedit.editors.base import check_config, editor_class
-    from rlsedit.locate.provider import StaticTargetStore, TargetProvider, target_settings
-    from rlsedit.locate.templates import generate_context_templates
-    from rlsedit.models.load import load_model
-
     out = Path(out)
     if (out / REPLAY_MISMATCH_FILE).is_file():
         raise ReplayMismatch(load_json(out / REPLAY_MISMATCH_FILE)["message"])
     if stop_after is not None and stop_after < 0:
         raise ValueError(f"stop_after must be >= 0, got {stop_after}")
-    # bad input is refused before anything is written: too few cases, another experiment in the folder,
-    # settings the model cannot take (layers it lacks, values out of range)
+    run = _open(spec, out, device=device, dtype=dtype, stop_after=stop_after, static_targets=static_targets)
+    if command is not None:  # every invocation of the folder (a run in progress has no results.json yet)
+        inv_path = out / "invocations.json"
+        save_json(inv_path, [*(load_json(inv_path) if inv_path.exists() else []), command])
+    _measure_unedited(run)
+    editor, reports, done, stopped_at = _edit_stream(
+        run, stats_dir, targets_cache, command, replay_rtol, stop_after
+    )
+    if stopped_at is not None:
+        if run.gen_cases and len(editor.batches) == stopped_at:  # the model holds exactly `done` edits
+            measure.generation_at(out, done, editor, run.model, run.tok, run.gen_cases, spec)
+        log.info(
+            "stopped after %d of %d edits (%d batches applied); the same command resumes the run",
+            done,
+            len(run.cases),
+            len(editor.batches),
+        )
+        return {**load_results(out, partial=True), "stopped_after": done}
+    post, gen_post = _measure_edited(run, editor)
+    config = editor.config.to_dict()
+    del editor  # the unedited model is scored on a fresh copy: free the edited one first
+    pre = _measure_unedited_cases(run, device=device, dtype=dtype, pre_cache=pre_cache)
+    if command is None and (out / "results.json").exists():
+        command = load_json(out / "results.json").get("command")
+    results = _results(run, config, pre, post, gen_post, reports, command)
+    save_json(out / "results.json", results)
+    log.info("pre-edit:  %s", measure.fmt(results["pre"]))
+    log.info("post-edit: %s", measure.fmt(results["post"]))
+    return results
+
+
+@dataclass
+class _Stream:
+    """What the phases of one :func:`run_experiment` call share."""
+
+    spec: ExperimentSpec
+    out: Path
+    cases: list[Case]
+    superseded: set
+    model: Any
+    tok: Any
+    static: Any  # a StaticTargetStore, or None
+    end: int  # the edits this call applies: a stop falls at the end of the chunk that reaches stop_after
+    gen_cases: list[Case] = field(default_factory=list)
+    gen_pre: dict[str, Any] | None = None
+    capability: dict[str, Any] = field(default_factory=dict)
+
+
+def _open(
+    spec: ExperimentSpec,
+    out: Path,
+    *,
+    device: str | None,
+    dtype: str | None,
+    stop_after: int | None,
+    static_targets: str | Path | None,
+) -> _Stream:
+    """Check everything that can be refused before anything is written (too few cases, another experiment
+    in the folder, settings the model cannot take, a static store that does not fit), load the model,
+    then write ``spec.json``."""
+    from rlsedit.editors.base import check_config, editor_class
+    from rlsedit.locate.provider import StaticTargetStore, target_settings
+    from rlsedit.locate.templates import generate_context_templates
+    from rlsedit.models.load import load_model
+
     cases = _cases(spec)
     spec_path = out / "spec.json"
     if spec_path.exists():
@@ -492,60 +317,70 @@ def run_experiment(
     if spec.targets == "static" and not editor_class(spec.method).uses_targets:
         raise ValueError(f"{spec.method} optimises no targets: it cannot read static ones")
     static = None if static_targets is None else StaticTargetStore(static_targets)
-    superseded = set(superseded_cases(cases))
     t_load = time.perf_counter()
     model, tok = load_model(spec.model, device=device, dtype=dtype)
     log.info("model %s loaded in %.1fs", spec.model, time.perf_counter() - t_load)
     config = check_config(spec.method, model, spec.overrides)
-    # the edits this call applies: a stop falls at the end of the chunk that reaches stop_after
-    end = (
-        len(cases)
-        if stop_after is None
-        else min(len(cases), -(-stop_after // spec.batch_size) * spec.batch_size)
-    )
+    end = len(cases)
+    if stop_after is not None:
+        end = min(len(cases), -(-stop_after // spec.batch_size) * spec.batch_size)
     if static is not None:
         templates = generate_context_templates(
             model, tok, n=config.n_templates, length=config.template_length, seed=config.seed
         )
         # only the requests this call applies (a later call with a larger stop_after checks its own)
-        static.check(
-            model,
-            target_settings(config.layers[-1], templates, config.targets),
-            [c.request for c in cases[:end]],
-        )
+        settings = target_settings(config.layers[-1], templates, config.targets)
+        static.check(model, settings, [c.request for c in cases[:end]])
     out.mkdir(parents=True, exist_ok=True)
     if not spec_path.exists():
         save_json(spec_path, spec.to_dict())
-    if command is not None:  # every invocation of the folder (a run in progress has no results.json yet)
-        inv_path = out / "invocations.json"
-        save_json(inv_path, [*(load_json(inv_path) if inv_path.exists() else []), command])
+    return _Stream(spec, out, cases, set(superseded_cases(cases)), model, tok, static, end)
 
-    gen_cases = _spread(cases, spec.fluency, superseded) if spec.fluency else []
-    gen_pre = None
-    if gen_cases:
-        log.info("generating from the unedited model (%d cases)", len(gen_cases))
-        gen_pre = _once(
-            out / "generation" / "pre.json", lambda: _generation(model, tok, gen_cases, spec.consistency_dir)
+
+def _measure_unedited(run: _Stream) -> None:
+    """Before the first edit: generations of the unedited model (fluency) and its general capability."""
+    spec, out, model, tok = run.spec, run.out, run.model, run.tok
+    run.gen_cases = measure.spread(run.cases, spec.fluency, run.superseded) if spec.fluency else []
+    if run.gen_cases:
+        log.info("generating from the unedited model (%d cases)", len(run.gen_cases))
+        run.gen_pre = measure.once(
+            out / "generation" / "pre.json",
+            lambda: measure.generation(model, tok, run.gen_cases, spec.consistency_dir),
         )
-    capability: dict[str, Any] = {}
     if spec.capability is not None:
         log.info("general capability of the unedited model")
         cap_cfg = spec.capability
-        capability["pre"] = _once(out / "capability" / "pre.json", lambda: _capability(model, tok, cap_cfg))
+        run.capability["pre"] = measure.once(
+            out / "capability" / "pre.json", lambda: measure.capability(model, tok, cap_cfg)
+        )
 
-    editor_dir = out / "editor"
-    store = RunStore(editor_dir)
+
+def _edit_stream(
+    run: _Stream,
+    stats_dir: str | Path | None,
+    targets_cache: str | Path | None,
+    command: str | None,
+    replay_rtol: float,
+    stop_after: int | None,
+) -> tuple[Any, list[dict[str, Any]], int, int | None]:
+    """Apply the stream's chunks (resuming, replaying a seeded record), with the checkpoints that fall in
+    it; returns ``(editor, batch reports, edits applied, index of the first chunk not applied or None)``."""
+    from rlsedit.editors import load_editor, make_editor
+    from rlsedit.locate.provider import TargetProvider
+
+    spec, out, cases = run.spec, run.out, run.cases
+    store = RunStore(out / "editor")
     with store.lock():
         if store.load_manifest() is not None:
-            editor = load_editor(store, model, tok)  # this store: it holds the lock
+            editor = load_editor(store, run.model, run.tok)  # this store: it holds the lock
             log.info("resuming: %d batches already applied", len(editor.batches))
         else:
             t0 = time.perf_counter()
-            editor = make_editor(spec.method, model, tok, stats_dir=stats_dir, **spec.overrides)
+            editor = make_editor(spec.method, run.model, run.tok, stats_dir=stats_dir, **spec.overrides)
             editor.load_name = spec.model
             editor.attach(store)
             log.info("editor ready in %.1fs", time.perf_counter() - t0)
-        editor.use_targets(TargetProvider(cache_dir=targets_cache, static=static))
+        editor.use_targets(TargetProvider(cache_dir=targets_cache, static=run.static))
         batches_path = out / "batches.json"
         reports: list[dict[str, Any]] = load_json(batches_path) if batches_path.exists() else []
         (out / "checkpoints").mkdir(exist_ok=True)
@@ -555,20 +390,20 @@ def run_experiment(
         replay = Replay(out, reports, len(editor.batches), command, replay_rtol, len(cases))
         here = machine()  # each batch applied now says where (a stream carried across machines mixes them)
         done = 0
-        stopped_at: int | None = None  # the index of the first chunk not applied, if stopped
-        pace = _Pace(end)
+        stopped_at: int | None = None
+        pace = _Pace(run.end)
         for k, chunk in enumerate(chunks):
             if stop_after is not None and done >= stop_after:
                 stopped_at = k
                 break
             replaying = k in replay  # this chunk's batch is in batches.json, but not in the editor's state
-            keys = replay.target_keys(k, targets_cache) if static is None else None
+            keys = replay.target_keys(k, targets_cache) if run.static is None else None
             with editor.targets_provider.recorded(keys):
                 rep = editor.edit([c.request for c in chunk])
             done += len(chunk)
             if rep.batches and not replaying:  # applied now (a resumed run skips the chunks applied before)
                 pace.add(len(chunk), rep.seconds())
-            objective = _objective(editor) if rep.batches else None
+            objective = measure.objective(editor) if rep.batches else None
             for b in rep.batches:
                 entry = {"chunk": k, "edits_after": done, **b.to_dict()}
                 entry["memory"] = {"rss_bytes": rss_bytes(), "max_rss_bytes": max_rss_bytes()}
@@ -588,104 +423,126 @@ def run_experiment(
                     pace.left(done),
                     _steps(b),
                 )
-            ck = out / "checkpoints" / f"{done:06d}.json"
-            at_checkpoint = spec.eval_every and done % spec.eval_every == 0 and done < len(cases)
             # the model holds exactly the first `done` edits only right after this chunk's batch
-            at_head = len(editor.batches) == k + 1
-            if at_checkpoint and not ck.exists() and at_head:
-                scores = _checkpoint(model, tok, spec, cases[:done])
-                save_json(ck, scores)
-                log.info("checkpoint at %d edits: %s", done, _fmt(scores["summary"]))
-            if at_checkpoint and gen_cases and at_head:
-                _generation_at(out, done, editor, model, tok, gen_cases, spec)
-            cap_ck = out / "capability" / f"{done:06d}.json"
-            if at_checkpoint and spec.capability is not None and not cap_ck.exists() and at_head:
-                log.info("general capability after %d edits", done)
-                save_json(cap_ck, {"edits": done, **_capability(model, tok, spec.capability)})
+            if len(editor.batches) == k + 1:
+                _checkpoint_at(run, editor, done)
     replay.close()
-    if stopped_at is not None:
-        if gen_cases and len(editor.batches) == stopped_at:  # the model holds exactly the first `done` edits
-            _generation_at(out, done, editor, model, tok, gen_cases, spec)
-        log.info(
-            "stopped after %d of %d edits (%d batches applied); the same command resumes the run",
-            done,
-            len(cases),
-            len(editor.batches),
-        )
-        return {**load_results(out, partial=True), "stopped_after": done}
+    return editor, reports, done, stopped_at
 
-    key = _state_key(editor)
+
+def _checkpoint_at(run: _Stream, editor: Any, done: int) -> None:
+    """At a checkpoint (every ``eval_every`` edits, before the end): scores, generations, capability."""
+    spec, out, model, tok = run.spec, run.out, run.model, run.tok
+    if not (spec.eval_every and done % spec.eval_every == 0 and done < len(run.cases)):
+        return
+    ck = out / "checkpoints" / f"{done:06d}.json"
+    if not ck.exists():
+        scores = measure.checkpoint(model, tok, spec, run.cases[:done])
+        save_json(ck, scores)
+        log.info("checkpoint at %d edits: %s", done, measure.fmt(scores["summary"]))
+    if run.gen_cases:
+        measure.generation_at(out, done, editor, model, tok, run.gen_cases, spec)
+    cap_ck = out / "capability" / f"{done:06d}.json"
+    if spec.capability is not None and not cap_ck.exists():
+        log.info("general capability after %d edits", done)
+        save_json(cap_ck, {"edits": done, **measure.capability(model, tok, spec.capability)})
+
+
+def _measure_edited(run: _Stream, editor: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """After the stream: every case scored (in resumable pieces), generations, capability; each computed
+    once for the editor's state. Returns ``(post, generation post)``."""
+    spec, out, model, tok, cases = run.spec, run.out, run.model, run.tok, run.cases
+    key = measure.state_key(editor)
     log.info("scoring the edited model on %d cases", len(cases))
     partial = out / "post.partial.jsonl"
-    post = _once(
+    post = measure.once(
         out / "post.json",
-        lambda: _score_in_pieces(partial, model, tok, cases, superseded, spec.dataset, key),
+        lambda: measure.score_in_pieces(partial, model, tok, cases, run.superseded, spec.dataset, key),
         key,
     )
     partial.unlink(missing_ok=True)
     gen_post = None
-    if gen_cases:
-        log.info("generating from the edited model (%d cases)", len(gen_cases))
-        gen_post = _once(
+    if run.gen_cases:
+        log.info("generating from the edited model (%d cases)", len(run.gen_cases))
+        gen_post = measure.once(
             out / "generation" / "post.json",
-            lambda: _generation(model, tok, gen_cases, spec.consistency_dir),
+            lambda: measure.generation(model, tok, run.gen_cases, spec.consistency_dir),
             key,
         )
     if spec.capability is not None:
         log.info("general capability after %d edits", len(cases))
         cap_cfg = spec.capability
-        capability["post"] = _once(
+        run.capability["post"] = measure.once(
             out / "capability" / f"{len(cases):06d}.json",
-            lambda: {"edits": len(cases), **_capability(model, tok, cap_cfg)},
+            lambda: {"edits": len(cases), **measure.capability(model, tok, cap_cfg)},
             key,
         )
-        capability["checkpoints"] = [
+        run.capability["checkpoints"] = [
             load_json(p) for p in sorted((out / "capability").glob("[0-9]*.json")) if int(p.stem) < len(cases)
         ]
-    config = editor.config.to_dict()
-    pre_path = out / "pre.json"
+    return post, gen_post
+
+
+def _measure_unedited_cases(
+    run: _Stream, *, device: str | None, dtype: str | None, pre_cache: str | Path | None
+) -> dict[str, Any]:
+    """``pre.json``: every case scored on the unedited model, a fresh copy of it loaded once the edited
+    one is freed (``run.model`` is dropped)."""
+    from rlsedit.models.load import load_model
+
+    pre_path = run.out / "pre.json"
     if pre_path.exists():
-        pre = load_json(pre_path)
-    else:
-        del editor, model  # the unedited model is scored on a fresh copy: free the edited one first
-        gc.collect()
-        log.info("scoring the unedited model on %d cases (a fresh copy of it)", len(cases))
-        model0, tok0 = load_model(spec.model, device=device, dtype=dtype)
-        t0 = time.perf_counter()
-        recs = unedited_records(model0, tok0, cases, spec.dataset, pre_cache)
-        pre = _scored(spec.dataset, recs, superseded, time.perf_counter() - t0)
-        save_json(pre_path, pre)
-        del model0
+        return load_json(pre_path)
+    run.model = None
+    gc.collect()
+    spec, cases = run.spec, run.cases
+    log.info("scoring the unedited model on %d cases (a fresh copy of it)", len(cases))
+    model0, tok0 = load_model(spec.model, device=device, dtype=dtype)
+    t0 = time.perf_counter()
+    recs = measure.unedited_records(model0, tok0, cases, spec.dataset, pre_cache)
+    pre = measure.scored(spec.dataset, recs, run.superseded, time.perf_counter() - t0)
+    save_json(pre_path, pre)
+    return pre
+
+
+def _results(
+    run: _Stream,
+    config: dict[str, Any],
+    pre: dict[str, Any],
+    post: dict[str, Any],
+    gen_post: dict[str, Any] | None,
+    reports: list[dict[str, Any]],
+    command: str | None,
+) -> dict[str, Any]:
+    """``results.json`` (and ``cases.jsonl``, written here) of a finished stream."""
+    spec, out, superseded = run.spec, run.out, run.superseded
     pre_summary, post_summary = dict(pre["summary"]), dict(post["summary"])
-    if gen_pre is not None and gen_post is not None:
-        pre_summary.update(gen_pre["summary"])
+    if run.gen_pre is not None and gen_post is not None:
+        pre_summary.update(run.gen_pre["summary"])
         post_summary.update(gen_post["summary"])
-    _write_jsonl(
+    measure.write_jsonl(
         out / "cases.jsonl",
         [
             {"case_id": a["case_id"], "pre": a, "post": b, "superseded": a["case_id"] in superseded}
             for a, b in zip(pre["records"], post["records"], strict=True)
         ],
     )
-    checkpoints = load_checkpoints(out)
     timings, n_timed = timing_sums(reports)
     computed_sums, n_computed = timing_sums(reports, skip_cached_targets=spec.targets == "dynamic")
-    if command is None and (out / "results.json").exists():
-        command = load_json(out / "results.json").get("command")
-    results = {
+    return {
         "spec": spec.to_dict(),
         "command": command,
         "config": config,
-        "edits": len(cases),
+        "edits": len(run.cases),
         "superseded_cases": sorted(superseded),
         "pre": pre_summary,
         "post": post_summary,
         "post_superseded": post["superseded"],
         # the earliest edits at the end of the stream, as at each checkpoint (and the unedited model's)
-        "retention": _retention(spec, post["records"], superseded),
-        "pre_retention": _retention(spec, pre["records"], superseded),
-        "checkpoints": checkpoints,
-        "capability": capability or None,
+        "retention": measure.retention(spec, post["records"], superseded),
+        "pre_retention": measure.retention(spec, pre["records"], superseded),
+        "checkpoints": load_checkpoints(out),
+        "capability": run.capability or None,
         "timings": {
             "seconds": timings,
             "per_edit": {k: v / n_timed for k, v in timings.items()} if n_timed else {},
@@ -699,27 +556,6 @@ def run_experiment(
         },
         "batches": reports,
     }
-    save_json(out / "results.json", results)
-    log.info("pre-edit:  %s", _fmt(pre_summary))
-    log.info("post-edit: %s", _fmt(post_summary))
-    return results
-
-
-def _retention(spec: ExperimentSpec, records: list[dict[str, Any]], exclude: set) -> dict[str, Any]:
-    """Summaries of the earliest ``spec.retention`` slices of a stream's per-case ``records`` (in stream
-    order), ``exclude`` left out; slices as long as the stream or longer are skipped, as at checkpoints."""
-    return {
-        str(size): _summarize(spec.dataset, records[:size], exclude)
-        for size in spec.retention
-        if size < len(records)
-    }
-
-
-def _fmt(summary: dict[str, Any]) -> str:
-    keys = ("efficacy", "generalization", "specificity", "fluency", "consistency")
-    return ", ".join(f"{k} {summary[k]:.1f}" for k in keys if summary.get(k) is not None) + (
-        f" (n={summary.get('n')})"
-    )
 
 
 def _run_cases(editor: Any, dataset: str) -> tuple[list[Case], set]:
@@ -803,7 +639,7 @@ def evaluate_run(
         "objective": None,
     }
     if objective:
-        out["objective"] = _objective(editor)
+        out["objective"] = measure.objective(editor)
     if unedited:
         with torch.no_grad():
             for layer, name in editor.modules.items():
@@ -817,12 +653,14 @@ def evaluate_run(
         else:
             cases, exclude = _run_cases(editor, dataset)
         log.info("scoring %d %s cases", len(cases), dataset)
-        res = _score(model, tokenizer, cases, exclude, dataset)
+        res = measure.score(model, tokenizer, cases, exclude, dataset)
         out.update(summary=res["summary"], excluded=sorted(exclude, key=str), records=res["records"])
         if fluency:
-            gen = _generation(model, tokenizer, _spread(cases, fluency, exclude), consistency_dir)
+            gen = measure.generation(
+                model, tokenizer, measure.spread(cases, fluency, exclude), consistency_dir
+            )
             out["generation"] = gen
             out["summary"] = {**res["summary"], **gen["summary"]}
     if capability is not None:
-        out["capability"] = _capability(model, tokenizer, capability)
+        out["capability"] = measure.capability(model, tokenizer, capability)
     return out

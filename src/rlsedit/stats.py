@@ -44,6 +44,7 @@ __all__ = [
     "corpus_texts",
     "stats_key",
     "available_stats",
+    "layer_sigmas",
     "init_distributed_from_env",
 ]
 
@@ -355,3 +356,66 @@ def second_moments(
         torch.distributed.barrier()
     log.info("second moments of %d modules over %d tokens (%d rank(s))", len(todo), count, world)
     return result
+
+
+def layer_sigmas(
+    model: nn.Module,
+    tokenizer,
+    module_names: Sequence[str],
+    *,
+    samples: int,
+    corpus: str | os.PathLike | None,
+    max_len: int,
+    stats_dir: str | os.PathLike | None,
+) -> dict[str, torch.Tensor]:
+    """:func:`second_moments` for an editor: with ``stats_dir`` given, first say whether it holds the
+    statistics asked for, and warn, before they are computed anew, when it holds other statistics of this
+    model or statistics of other models only."""
+    if stats_dir is not None:
+        _check_stats_dir(stats_dir, model, module_names, samples, corpus, max_len)
+    return second_moments(
+        model, tokenizer, module_names, samples=samples, corpus=corpus, max_len=max_len, cache_dir=stats_dir
+    )
+
+
+def _check_stats_dir(
+    stats_dir: str | os.PathLike,
+    model: nn.Module,
+    names: Sequence[str],
+    samples: int,
+    corpus: str | os.PathLike | None,
+    max_len: int,
+) -> None:
+    sets = available_stats(stats_dir, model, names)
+    want = stats_key(corpus_texts(corpus)[1], samples, max_len)
+    if any(x["key"] == want for x in sets):
+        log.info("using the precomputed statistics in %s", stats_cache_dir(stats_dir))
+        return
+    if sets:
+        found = "; ".join(
+            f"stats_samples={x['samples']}, stats_max_len={x['max_len']}, corpus {x['corpus']}" for x in sets
+        )
+        log.warning(
+            "%s holds statistics of this model with other settings (%s) than the editor's "
+            "(stats_samples=%d, stats_max_len=%d, stats_corpus=%s): computing new ones. Set the "
+            "editor's stats_* options (--set stats_samples=...) to use the precomputed ones.",
+            stats_dir,
+            found,
+            samples,
+            max_len,
+            corpus,
+        )
+        return
+    root = stats_cache_dir(stats_dir)
+    mine = model_fingerprint(model)
+    others = [d.name for d in root.iterdir() if d.is_dir() and d.name != mine] if root.is_dir() else []
+    if others:
+        log.warning(
+            "%s holds no statistics of this model (fingerprint %s) for %s, only of %d other model "
+            "fingerprint(s): the fingerprint depends on the weights and their dtype, so load the model "
+            "with the same --dtype as `rlsedit stats` did. Computing them now.",
+            stats_dir,
+            mine,
+            ", ".join(names),
+            len(others),
+        )

@@ -7,7 +7,6 @@ from rlsedit.editors.base import (
     Editor,
     EditorConfig,
     EditReport,
-    LocateThenEditEditor,
     editor_class,
     list_editors,
     load_editor,
@@ -16,6 +15,7 @@ from rlsedit.editors.base import (
 )
 from rlsedit.editors.evoedit import EvoEditConfig, EvoEditEditor
 from rlsedit.editors.ft import FTConfig, FTEditor
+from rlsedit.editors.loop import LocateThenEditEditor
 from rlsedit.editors.memit import MEMITConfig, MEMITEditor
 from rlsedit.editors.rlsedit import RLSEditConfig, RLSEditor
 from rlsedit.editors.rome import ROMEConfig, ROMEEditor

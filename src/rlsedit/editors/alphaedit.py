@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
-from rlsedit.editors.base import EditorConfig, LocateThenEditEditor, _Pending, register_editor
+from rlsedit.editors.base import EditorConfig, LayerUpdate, register_editor
+from rlsedit.editors.loop import LocateThenEditEditor
 from rlsedit.linalg import alphaedit_delta, nullspace_projector
 
 __all__ = ["AlphaEditConfig", "AlphaEditEditor", "sigma_nullspace"]
@@ -89,11 +90,10 @@ class AlphaEditEditor(LocateThenEditEditor):
     config_class: ClassVar[type[EditorConfig]] = AlphaEditConfig
     config: AlphaEditConfig
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def init_runtime(self) -> None:
         self._projectors: dict[int, torch.Tensor] = {}
         #: the null-space dimension per layer, once its projector is computed
         self.nullspace_dims: dict[int, int] = {}
-        super().__init__(*args, **kwargs)
 
     def init_layer_state(
         self, layer: int, W0: torch.Tensor, sigma: torch.Tensor | None
@@ -119,11 +119,11 @@ class AlphaEditEditor(LocateThenEditEditor):
         W: torch.Tensor,
         *,
         K_prompt: torch.Tensor | None = None,
-    ) -> _Pending:
+    ) -> LayerUpdate:
         """``Delta (d_k, d_v)`` for keys ``K (d_k, u)`` and residual ``E (u, d_v)``; the next state adds
         ``K K^T`` to ``K_p K_p^T``. Float64 on the layer's device; nothing recorded."""
         KpKpT = self.layer_state[layer]["KpKpT"]
         K64 = K.to(device=KpKpT.device, dtype=torch.float64)
         E64 = E.to(device=KpKpT.device, dtype=torch.float64)
         delta = alphaedit_delta(self.projector(layer), KpKpT, K64, E64, self.config.alpha)
-        return _Pending(delta=delta, state={"KpKpT": KpKpT + K64 @ K64.T}, record={})
+        return LayerUpdate(delta=delta, state={"KpKpT": KpKpT + K64 @ K64.T}, record={})

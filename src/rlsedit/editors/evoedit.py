@@ -24,7 +24,8 @@ from typing import ClassVar
 import torch
 
 from rlsedit.editors.alphaedit import AlphaEditConfig, sigma_nullspace
-from rlsedit.editors.base import EditorConfig, LocateThenEditEditor, _Pending, register_editor
+from rlsedit.editors.base import EditorConfig, LayerUpdate, register_editor
+from rlsedit.editors.loop import LocateThenEditEditor
 
 __all__ = ["EvoEditConfig", "EvoEditEditor", "evoedit_delta", "shrink_projector"]
 
@@ -100,7 +101,7 @@ class EvoEditEditor(LocateThenEditEditor):
         W: torch.Tensor,
         *,
         K_prompt: torch.Tensor | None = None,
-    ) -> _Pending:
+    ) -> LayerUpdate:
         """``Delta (d_k, d_v)`` for keys ``K (d_k, u)`` and residual ``E (u, d_v)``; the next state is the
         projector without the batch's projected key directions. Float64 on the layer's device."""
         P = self.layer_state[layer]["P"]
@@ -111,8 +112,8 @@ class EvoEditEditor(LocateThenEditEditor):
                 "evoedit layer %d: ||P K|| below %g, this batch leaves the layer", layer, self.config.pk_eps
             )
             zero = torch.zeros(tuple(W.shape), dtype=torch.float64, device=P.device)
-            return _Pending(delta=zero, state={"P": P}, record={})
+            return LayerUpdate(delta=zero, state={"P": P}, record={})
         delta = evoedit_delta(P, K64, E64, self.config.alpha)
         P_next, rank = shrink_projector(P, K64)
         log.debug("evoedit layer %d: projector rank reduced by %d", layer, rank)
-        return _Pending(delta=delta, state={"P": P_next}, record={})
+        return LayerUpdate(delta=delta, state={"P": P_next}, record={})

@@ -27,7 +27,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from rlsedit.editors.base import BatchReport, EditorConfig, LocateThenEditEditor, _Pending, register_editor
+from rlsedit.editors.base import BatchReport, EditorConfig, LayerUpdate, register_editor
+from rlsedit.editors.loop import LocateThenEditEditor
 from rlsedit.locate.targets import frozen_params
 from rlsedit.locate.tokens import encode_text_upto, pad_id_of, pad_rows, target_ids
 from rlsedit.models.arch import add_delta_kv, get_module, input_device
@@ -144,9 +145,9 @@ class FTEditor(LocateThenEditEditor):
         nll = -logp.gather(1, batch.tok.to(dev)[:, None])[:, 0]
         return (nll * batch.weight.to(dev)).sum()
 
-    def _locate_and_solve(
+    def locate_and_solve(
         self, reqs: list[EditRequest], report: BatchReport
-    ) -> tuple[dict[int, _Pending], dict[str, float]]:
+    ) -> tuple[dict[int, LayerUpdate], dict[str, float]]:
         """Fine-tune the changes ``D`` (``d_k x d_v`` per layer) under the L-infinity bound, then write
         them into the model (checked like every update). No state, nothing recorded."""
         cfg = self.config
@@ -189,12 +190,12 @@ class FTEditor(LocateThenEditEditor):
             "ft: %d requests, %d steps, NLL %.3f -> %.3f", len(reqs), len(losses) - 1, losses[0], losses[-1]
         )
         t1 = time.perf_counter()
-        pendings: dict[int, _Pending] = {}
+        pendings: dict[int, LayerUpdate] = {}
         for layer, W in weights.items():
             delta = D[layer].detach().to(torch.float64)
             self._check_delta(layer, delta, W)
             add_delta_kv(get_module(self.model, self.modules[layer]), delta)
-            pendings[layer] = _Pending(delta=delta.cpu(), state={}, record={})
+            pendings[layer] = LayerUpdate(delta=delta.cpu(), state={}, record={})
             report.layers[layer] = {
                 "residual_norm": float("nan"),
                 "delta_norm": float(delta.norm()),

@@ -18,7 +18,8 @@ from typing import ClassVar
 
 import torch
 
-from rlsedit.editors.base import EditorConfig, LocateThenEditEditor, _Pending, register_editor
+from rlsedit.editors.base import EditorConfig, LayerUpdate, register_editor
+from rlsedit.editors.loop import LocateThenEditEditor
 from rlsedit.linalg import memit_delta
 
 __all__ = ["MEMITConfig", "MEMITEditor"]
@@ -58,7 +59,7 @@ class MEMITEditor(LocateThenEditEditor):
         W: torch.Tensor,
         *,
         K_prompt: torch.Tensor | None = None,
-    ) -> _Pending:
+    ) -> LayerUpdate:
         """``Delta (d_k, d_v) = (mu^2 Sigma + K K^T)^{-1} K E`` for keys ``K (d_k, u)``, residual
         ``E (u, d_v)``; float64, on the layer's device. No state, nothing recorded."""
         sigma = self.sigma_on_device(layer)
@@ -66,4 +67,4 @@ class MEMITEditor(LocateThenEditEditor):
         K64 = K.to(device=dev, dtype=torch.float64)
         E64 = E.to(device=dev, dtype=torch.float64)
         delta = memit_delta(sigma, K64, E64, self.config.mu)
-        return _Pending(delta=delta, state={}, record={})
+        return LayerUpdate(delta=delta, state={}, record={})

@@ -24,7 +24,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from rlsedit.editors.base import EditError, EditorConfig, LocateThenEditEditor, _Pending, register_editor
+from rlsedit.editors.base import EditError, EditorConfig, LayerUpdate, register_editor
+from rlsedit.editors.loop import LocateThenEditEditor
 from rlsedit.linalg import (
     RetractionError,
     drift,
@@ -192,7 +193,7 @@ class RLSEditor(LocateThenEditEditor):
         W: torch.Tensor,
         *,
         K_prompt: torch.Tensor | None = None,
-    ) -> _Pending:
+    ) -> LayerUpdate:
         """One RLS step for keys ``K (d_k, u)`` and residual share ``E (u, d_v)``.
 
         Runs on the device of the layer's state ``C`` (the layer's device), in ``C``'s dtype for ``C`` and
@@ -225,15 +226,19 @@ class RLSEditor(LocateThenEditEditor):
         if "B" in st:  # running sums (absent in runs saved before they existed)
             state["B"] = torch.addmm(st["B"], K64, V64)
             state["vv"] = st["vv"] + (V64 * V64).sum()
-        return _Pending(
+        return LayerUpdate(
             delta=delta,
             state=state,
             record={"K": K32.cpu().contiguous(), "V": V32.cpu().contiguous()},
         )
 
+    def init_runtime(self) -> None:
+        #: the kept state buffers, by ``(layer, state name)`` (empty until a batch commits)
+        self._spare_buffers: dict[tuple[int, str], torch.Tensor] = {}
+
     def _spares(self) -> dict[tuple[int, str], torch.Tensor]:
         """The kept state buffers, by ``(layer, state name)`` (per editor; empty until a batch commits)."""
-        return self.__dict__.setdefault("_spare_buffers", {})
+        return self._spare_buffers
 
     def _take_spare(self, layer: int, name: str, like: torch.Tensor) -> torch.Tensor | None:
         """A kept buffer for state ``name`` of ``layer`` shaped like ``like`` (removed from the spares: it is
@@ -374,8 +379,8 @@ class RLSEditor(LocateThenEditEditor):
                 self.layer_state[layer] = state
             for j in cols:
                 batch["active"][j] = 0
-            if commit and self._store is not None:
-                self._commit(self._store)
+            if commit:
+                self.commit()
         return {
             "batch": batch_id,
             "requests": cols,

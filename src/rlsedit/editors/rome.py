@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
-from rlsedit.editors.base import EditError, EditorConfig, LocateThenEditEditor, _Pending, register_editor
+from rlsedit.editors.base import EditError, EditorConfig, LayerUpdate, register_editor
+from rlsedit.editors.loop import LocateThenEditEditor
 from rlsedit.linalg import initial_inverse, rome_rank_one
 
 __all__ = ["ROMEConfig", "ROMEEditor"]
@@ -62,9 +63,8 @@ class ROMEEditor(LocateThenEditEditor):
     one_request_at_a_time: ClassVar[bool] = True
     config: ROMEConfig
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def init_runtime(self) -> None:
         self._metrics: dict[int, torch.Tensor] = {}
-        super().__init__(*args, **kwargs)
 
     def key_metric(self, layer: int) -> torch.Tensor:
         """``C^{-1} = (lam^2 I + mu^2 Sigma)^{-1}`` (``d_k x d_k``, float64, on the layer's device), computed
@@ -84,7 +84,7 @@ class ROMEEditor(LocateThenEditEditor):
         W: torch.Tensor,
         *,
         K_prompt: torch.Tensor | None = None,
-    ) -> _Pending:
+    ) -> LayerUpdate:
         """Rank-one ``Delta (d_k, d_v)`` for one key ``K (d_k, 1)`` (its bare prompt's ``K_prompt``) and
         residual ``E (1, d_v)``.
 
@@ -105,4 +105,4 @@ class ROMEEditor(LocateThenEditEditor):
                 delta = delta + rome_rank_one(C_inv, W64 + delta, K64[:, j], v, k_prompt=kp)
             except ValueError as exc:
                 raise EditError(f"rome layer {layer}: {exc}; the batch was rolled back") from exc
-        return _Pending(delta=delta, state={}, record={})
+        return LayerUpdate(delta=delta, state={}, record={})

@@ -31,8 +31,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from rlsedit.editors.base import BatchReport, EditorConfig, LocateThenEditEditor, _Pending, register_editor
+from rlsedit.editors.base import BatchReport, EditorConfig, LayerUpdate, register_editor
 from rlsedit.editors.ft import _encode, _Rows
+from rlsedit.editors.loop import LocateThenEditEditor
 from rlsedit.locate.targets import frozen_params
 from rlsedit.models.arch import add_delta_kv, block_name, get_arch, get_module, input_device
 from rlsedit.requests import EditRequest
@@ -201,9 +202,9 @@ class UltraEditEditor(LocateThenEditEditor):
             out[layer] = (x[r, p].to(torch.float64), leaf.grad[r, p].to(torch.float64))
         return out, float(loss.detach())
 
-    def _locate_and_solve(
+    def locate_and_solve(
         self, reqs: list[EditRequest], report: BatchReport
-    ) -> tuple[dict[int, _Pending], dict[str, float]]:
+    ) -> tuple[dict[int, LayerUpdate], dict[str, float]]:
         """Keys and output gradients in one pass, the normaliser updated with every edited matrix's
         features, then each matrix's ``Delta`` written (checked like every update)."""
         cfg = self.config
@@ -217,7 +218,7 @@ class UltraEditEditor(LocateThenEditEditor):
             K, G = feats[layer]
             n, mean, var = running_update(n, mean, var, torch.cat([K, G], 1).to(mean.device))
         weights = self._weights()
-        pendings: dict[int, _Pending] = {}
+        pendings: dict[int, LayerUpdate] = {}
         for layer in cfg.layers:
             K, G = (t.to(mean.device) for t in feats[layer])
             delta = ultraedit_delta(K, G, n, mean, var, cfg.lr, cfg.ridge)
@@ -225,7 +226,7 @@ class UltraEditEditor(LocateThenEditEditor):
             self._check_delta(layer, delta, W)
             add_delta_kv(get_module(self.model, self.modules[layer]), delta)
             state = {"n": n, "mean": mean, "var": var} if layer == first else {}
-            pendings[layer] = _Pending(delta=delta, state=state, record={})
+            pendings[layer] = LayerUpdate(delta=delta, state=state, record={})
             report.layers[layer] = {
                 "residual_norm": float("nan"),
                 "delta_norm": float(delta.norm()),

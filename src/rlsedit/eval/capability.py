@@ -263,7 +263,7 @@ def label_logprobs(
     labels from the next-token distribution; otherwise each (prompt, label) row is scored under teacher
     forcing. Both give the same numbers. Prompts are cut from the left to fit the model's context.
     """
-    from rlsedit.editors.base import context_limit
+    from rlsedit.models.arch import context_limit
 
     device = input_device(model)
     pad = pad_id_of(tokenizer)
@@ -380,7 +380,7 @@ def perplexity(
         ``{"perplexity", "ci95": [low, high], "chance" (vocabulary size), "nll" (mean, nats),
         "tokens" (scored), "windows", "window", "stride", "seconds"}``.
     """
-    from rlsedit.editors.base import context_limit
+    from rlsedit.models.arch import context_limit
 
     t0 = time.perf_counter()
     if text is None:

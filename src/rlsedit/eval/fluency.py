@@ -164,7 +164,7 @@ def generate_ids(
 ) -> list[list[int]]:
     """Token ids of prompt plus continuation for each prompt: ``max_length`` ids per row (see
     :func:`generate_texts`; a prompt longer than that keeps its last ``max_length - 1`` tokens)."""
-    from rlsedit.editors.base import context_limit
+    from rlsedit.models.arch import context_limit
 
     if top_k < 1 or max_length < 2 or batch_size < 1:
         raise ValueError("top_k >= 1, max_length >= 2 and batch_size >= 1 are required")

@@ -269,3 +269,15 @@ def add_delta_kv(module: nn.Module, delta: torch.Tensor) -> None:
     if tuple(delta.shape) != tuple(w.shape):
         raise ValueError(f"delta has shape {tuple(delta.shape)}, expected {tuple(w.shape)} (d_k, d_v)")
     w.add_(delta.to(device=w.device, dtype=w.dtype))
+
+
+def context_limit(model: nn.Module) -> int | None:
+    """The longest token sequence ``model`` was built for (its position limit), or None if unknown."""
+    config = model.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
