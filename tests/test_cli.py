@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlsedit import cli
+from rlsedit import cli, commands
 from rlsedit.editors import load_editor
 from rlsedit.export import apply_deltas
 from rlsedit.models.arch import get_module, weight_kv
@@ -161,7 +161,7 @@ def test_bad_names_and_missing_runs_are_refused_before_the_model_loads(
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded for input refused anyway")
 
-    monkeypatch.setattr(cli, "_load", no_model)
+    monkeypatch.setattr(commands, "_load", no_model)
     run = tmp_path / "run"
     assert _edit(setup, run, ["--method", "memitt"]) == 1  # ValueError: unknown editor, closest names
     assert _edit(setup, run, ["--set", "stepz=3"]) == 1  # ValueError: unknown option

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlsedit import cli, make_editor
+from rlsedit import cli, commands, make_editor
 from rlsedit.datasets import load_counterfact
 from rlsedit.experiment import ExperimentSpec, run_experiment
 from rlsedit.locate import compute_hidden
@@ -264,8 +264,8 @@ def test_a_named_step_rule_sets_the_target_settings(model_dir: Path, tmp_path: P
     """``--target-step NAME`` applies the rule's settings (``--set`` wins), and the store says so."""
     from rlsedit.locate.targets import FAST_STEP, STEP_RULES
 
-    assert cli._overrides(["steps=2"], "fast") == {**FAST_STEP, "steps": 2}
-    assert cli._overrides(None, "memit") == STEP_RULES["memit"]
+    assert commands._overrides(["steps=2"], "fast") == {**FAST_STEP, "steps": 2}
+    assert commands._overrides(None, "memit") == STEP_RULES["memit"]
     out = tmp_path / "fast"
     argv = ["targets", "--model", str(model_dir), "--split", "tune", "--edits", "2", "--out", str(out)]
     assert cli.main([*argv, *SET_ARGS, "--target-step", "fast"]) == 0
