@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 
+from rlsedit.locate import forward as forward_mod
 from rlsedit.locate import targets as targets_mod
 from rlsedit.locate.targets import TargetConfig, TargetResult, compute_targets
 from rlsedit.requests import EditRequest
@@ -85,12 +86,12 @@ def test_chunk_forward_matches_and_keeps_cache(model_type: str, skip: bool) -> N
     model, tokenizer = tiny_model(model_type, seed=0, **OVERRIDES)
     rows = [r for rs in targets_mod._build_rows(tokenizer, REQUESTS, CONTEXTS, "{} is a") for r in rs]
     arch = targets_mod.get_arch(model)
-    sites = targets_mod._Sites(
+    sites = forward_mod._Sites(
         f"{arch.blocks}.{LAYER}.{arch.mlp_out}", f"{arch.blocks}.{LAYER}", arch.final_norm
     )
     pad = tokenizer.pad_token_id
-    full = targets_mod._FullForward(model, sites, rows, pad)
-    fast = targets_mod._PrefixCachedForward(
+    full = forward_mod._FullForward(model, sites, rows, pad)
+    fast = forward_mod._PrefixCachedForward(
         model, sites, rows, pad, chunk_rows=7, layer=LAYER if skip else None
     )
     assert (fast.layer == LAYER) if skip else (fast.layer is None)
@@ -146,8 +147,8 @@ def test_fallback_warns_and_matches(
     """A model whose forward takes no cache runs the straightforward path, with a logged warning."""
     model, tokenizer = tiny_model("gpt2", seed=0, **OVERRIDES)
     slow = _run(model, tokenizer, fast=False, stop_nll=0.0, requests=REQUESTS[:2])
-    monkeypatch.setattr(targets_mod, "_cache_kwarg", lambda model: None)
-    monkeypatch.setattr(targets_mod, "_warned_fallback", set())
+    monkeypatch.setattr(forward_mod, "_cache_kwarg", lambda model: None)
+    monkeypatch.setattr(forward_mod, "_warned_fallback", set())
     with caplog.at_level(logging.WARNING, logger="rlsedit.locate.targets"):
         fell = _run(model, tokenizer, fast=True, stop_nll=0.0, requests=REQUESTS[:2])
     assert fell.extra["fast"] is False and "no KV cache" in fell.extra["fallback"]
@@ -173,10 +174,10 @@ def test_chunk_loss_matches_per_row_terms(reference: bool) -> None:
         assert all(r.target_pos == [r.subject_last] == [len(r.ids) - 1] for r in kl_rows)
     else:
         assert all(r.target_pos == [len(r.ids) - 1] and r.subject_last < len(r.ids) - 1 for r in kl_rows)
-    sites = targets_mod._Sites(
+    sites = forward_mod._Sites(
         inject="model.layers.1.mlp.down_proj", read="model.layers.1", final_norm="model.norm"
     )
-    fwd = targets_mod._FullForward(model, sites, rows, 0)
+    fwd = forward_mod._FullForward(model, sites, rows, 0)
     vec = torch.randn(len(rows), model.config.hidden_size) * 3.0
     out = fwd(list(range(len(rows))), vec)
     chunk = list(range(len(REQUESTS)))
@@ -231,13 +232,13 @@ def test_prefix_cache_with_shared_stems_equals_each_prefix_alone(model_type: str
     model, tokenizer = tiny_model(model_type, seed=1, **OVERRIDES)
     rows = [r for rs in targets_mod._build_rows(tokenizer, REQUESTS, CONTEXTS, "{} is a") for r in rs]
     arch = targets_mod.get_arch(model)
-    sites = targets_mod._Sites(
+    sites = forward_mod._Sites(
         f"{arch.blocks}.{LAYER}.{arch.mlp_out}", f"{arch.blocks}.{LAYER}", arch.final_norm
     )
-    fast = targets_mod._PrefixCachedForward(model, sites, rows, tokenizer.pad_token_id, chunk_rows=6)
+    fast = forward_mod._PrefixCachedForward(model, sites, rows, tokenizer.pad_token_id, chunk_rows=6)
     stem_len, row_stem = fast._stems()
     assert len(stem_len) >= 2 and -1 in row_stem and any(g >= 0 for g in row_stem)
-    kw = targets_mod._cache_kwarg(model)
+    kw = forward_mod._cache_kwarg(model)
     for k, r in enumerate(rows):
         valid = fast.pmask[k].bool()
         assert int(valid.sum()) == r.subject_last
@@ -246,7 +247,7 @@ def test_prefix_cache_with_shared_stems_equals_each_prefix_alone(model_type: str
         cache = DynamicCache()
         with torch.no_grad():
             model(input_ids=torch.tensor([r.ids[: r.subject_last]]), use_cache=True, **{kw: cache})
-        for layer, (ref_k, ref_v) in enumerate(targets_mod._cache_layers(cache)):
+        for layer, (ref_k, ref_v) in enumerate(forward_mod._cache_layers(cache)):
             got_k = fast.keys[layer][k][:, valid]
             got_v = fast.values[layer][k][:, valid]
             assert torch.allclose(got_k, ref_k[0], rtol=1e-4, atol=1e-5), (k, layer)

@@ -82,7 +82,7 @@ class LowerBlocks:
     @contextmanager
     def stubbed(self, key: tuple) -> Iterator[None]:
         """Blocks ``0 .. first - 1`` replaced by stubs giving the kept output of chunk ``key``."""
-        from rlsedit.locate.targets import _blocks_replaced, _SkippedBlock
+        from rlsedit.locate.forward import _blocks_replaced, _SkippedBlock
 
         assert self.blocks is not None
         stubs: list[nn.Module] = [_SkippedBlock(self.blocks[j]) for j in range(self.first - 1)]
