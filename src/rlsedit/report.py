@@ -295,13 +295,25 @@ def _plot_frontier(plt: Any, results: Sequence[dict[str, Any]], out: Path, writt
 
 
 def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
-    """metrics.png (+ retention.png, capability.png, objective.png, stream.png where the runs have the
-    data); returns the files written."""
+    """metrics.png (+ retention.png, capability.png, frontier.png, objective.png, stream.png where the
+    runs have the data); returns the files written."""
     plt = _pyplot()
     if plt is None:
         return []
     written: list[Path] = []
-    # 1. efficacy / generalization / specificity over the stream (0 = the unedited model)
+    _plot_metrics(plt, results, out, written)
+    _plot_retention(plt, results, out, written)
+    _plot_capability(plt, results, out, written)
+    # the adherence-preservation frontier (runs with both scores and perplexity at their checkpoints)
+    if any(p[0] > 0 for r in results for p in frontier_points(r)):
+        _plot_frontier(plt, results, out, written)
+    _plot_objective(plt, results, out, written)
+    _plot_stream(plt, results, out, written)
+    return written
+
+
+def _plot_metrics(plt: Any, results: Sequence[dict[str, Any]], out: Path, written: list[Path]) -> None:
+    """metrics.png: efficacy / generalization / specificity over the stream (0 = the unedited model)."""
     fig, axes = plt.subplots(1, len(_METRICS), figsize=(4 * len(_METRICS), 3.2), squeeze=False)
     drawn = False
     for i, r in enumerate(results):
@@ -316,7 +328,10 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     _legend(axes[0], 7)
     _save(plt, fig, out / "metrics.png", drawn, written)
-    # 2. retention: the earliest edits re-scored at each checkpoint
+
+
+def _plot_retention(plt: Any, results: Sequence[dict[str, Any]], out: Path, written: list[Path]) -> None:
+    """retention.png: the earliest edits re-scored at each checkpoint."""
     fig, axes = plt.subplots(1, len(_METRICS), figsize=(4 * len(_METRICS), 3.2), squeeze=False)
     drawn = False
     for r in results:
@@ -337,7 +352,10 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     _legend(axes[0], 6)
     _save(plt, fig, out / "retention.png", drawn, written)
-    # 3. general capability over the stream
+
+
+def _plot_capability(plt: Any, results: Sequence[dict[str, Any]], out: Path, written: list[Path]) -> None:
+    """capability.png: perplexity, fluency and task accuracies over the stream."""
     tasks = sorted(
         {
             k
@@ -376,10 +394,10 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     _legend(axes[0], 6)
     _save(plt, fig, out / "capability.png", drawn, written)
-    # 3b. the adherence-preservation frontier (runs with both scores and perplexity at their checkpoints)
-    if any(p[0] > 0 for r in results for p in frontier_points(r)):
-        _plot_frontier(plt, results, out, written)
-    # 4. the objective's terms per layer over the stream (RLSEdit runs)
+
+
+def _plot_objective(plt: Any, results: Sequence[dict[str, Any]], out: Path, written: list[Path]) -> None:
+    """objective.png: the objective's terms per layer over the stream (RLSEdit runs)."""
     terms = ("fit_batch", "fit_total", "dist_w0", "anchor")
     fig, axes = plt.subplots(1, len(terms), figsize=(4 * len(terms), 3.2), squeeze=False)
     drawn = False
@@ -401,7 +419,10 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     _legend(axes[0], 6)
     _save(plt, fig, out / "objective.png", drawn, written)
-    # 5. seconds per edit and memory per batch over the stream
+
+
+def _plot_stream(plt: Any, results: Sequence[dict[str, Any]], out: Path, written: list[Path]) -> None:
+    """stream.png: seconds per edit and memory per batch over the stream."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.2), squeeze=False)  # room for the two long titles
     drawn = False
     per_edit: list[float] = []
@@ -435,7 +456,6 @@ def _plot(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     axes[0][1].set_ylim(bottom=0)
     _legend(axes[0], 6)
     _save(plt, fig, out / "stream.png", drawn, written)
-    return written
 
 
 def _has_outlier(values: Sequence[float], factor: float = 5.0) -> bool:

@@ -228,6 +228,63 @@ def _accumulate(
     return count
 
 
+def _cached(folder: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """The second moments of ``names`` cached in ``folder`` (a corrupt file is skipped with a warning)."""
+    result: dict[str, torch.Tensor] = {}
+    for name in names:
+        path = folder / f"{name}.safetensors"
+        if path.is_file():
+            try:
+                t = load_tensors(path)
+                result[name] = t["sum"] / float(t["count"].item())
+            except CorruptStateError as exc:
+                log.warning("ignoring a corrupt statistics file: %s", exc)
+    return result
+
+
+def _resumed(
+    partial: Path,
+    todo: list[str],
+    where: dict[str, torch.device],
+    sums: dict[str, torch.Tensor],
+    n_texts: int,
+) -> tuple[dict[str, torch.Tensor], int, int]:
+    """``(sums, token count, texts done)`` of this rank's checkpoint ``partial`` when it holds the sums of
+    exactly ``todo``; else the fresh ``sums`` and zeros."""
+    try:
+        t = load_tensors(partial)
+        if set(k for k in t if k.startswith("sum:")) == {f"sum:{n}" for n in todo}:
+            done = int(t["done"].item())
+            log.info("resuming statistics at text %d of %d", done, n_texts)
+            return {n: t[f"sum:{n}"].to(where[n]) for n in todo}, int(t["count"].item()), done
+    except CorruptStateError as exc:
+        log.warning("ignoring a corrupt partial statistics file: %s", exc)
+    return sums, 0, 0
+
+
+def _all_reduce(sums: dict[str, torch.Tensor], count: int) -> int:
+    """Sum every rank's ``sums`` (in place, on the reduction device) and token counts; returns the total."""
+    dev = _reduce_device()
+    for n in list(sums):
+        buf = sums[n].to(dev)
+        torch.distributed.all_reduce(buf)
+        sums[n] = buf
+    c = torch.tensor([count], dtype=torch.int64, device=dev)
+    torch.distributed.all_reduce(c)
+    return int(c.item())
+
+
+def _save(folder: Path, sums: dict[str, torch.Tensor], count: int, meta: dict[str, str]) -> None:
+    """One file per module in ``folder``: its ``sum`` (``(d_k, d_k)`` float64) and the token ``count``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for n, total in sums.items():
+        save_tensors(
+            folder / f"{n}.safetensors",
+            {"sum": total, "count": torch.tensor(count, dtype=torch.int64)},
+            {"module": n, **meta},
+        )
+
+
 def second_moments(
     model: nn.Module,
     tokenizer,
@@ -266,16 +323,8 @@ def second_moments(
     key = stats_key(corpus_id, samples, max_len)
     folder = stats_cache_dir(cache_dir) / model_fingerprint(model) / key
     names = list(module_names)
-    result: dict[str, torch.Tensor] = {}
+    result = _cached(folder, names) if use_cache else {}
     if use_cache:
-        for name in names:
-            path = folder / f"{name}.safetensors"
-            if path.is_file():
-                try:
-                    t = load_tensors(path)
-                    result[name] = t["sum"] / float(t["count"].item())
-                except CorruptStateError as exc:
-                    log.warning("ignoring a corrupt statistics file: %s", exc)
         # every rank must take the same branch (a rank that skips the computation would leave the others
         # waiting in the all-reduce), e.g. when only rank 0 sees the cache folder
         if _all_ranks_agree(len(result) == len(names)):
@@ -292,14 +341,7 @@ def second_moments(
     count, done = 0, 0
     partial = folder / f"partial-rank{rank}of{world}.safetensors"
     if use_cache and partial.is_file():
-        try:
-            t = load_tensors(partial)
-            if set(k for k in t if k.startswith("sum:")) == {f"sum:{n}" for n in todo}:
-                sums = {n: t[f"sum:{n}"].to(where[n]) for n in todo}
-                count, done = int(t["count"].item()), int(t["done"].item())
-                log.info("resuming statistics at text %d of %d", done, len(shard))
-        except CorruptStateError as exc:
-            log.warning("ignoring a corrupt partial statistics file: %s", exc)
+        sums, count, done = _resumed(partial, todo, where, sums, len(shard))
 
     state = {"last": done, "time": time.monotonic()}
 
@@ -330,26 +372,13 @@ def second_moments(
         progress and rank == 0,
     )
     if world > 1:
-        dev = _reduce_device()
-        for n in todo:
-            buf = sums[n].to(dev)
-            torch.distributed.all_reduce(buf)
-            sums[n] = buf
-        c = torch.tensor([count], dtype=torch.int64, device=dev)
-        torch.distributed.all_reduce(c)
-        count = int(c.item())
+        count = _all_reduce(sums, count)
     sums = {n: t.cpu() for n, t in sums.items()}
     if count == 0:
         raise ValueError("the corpus produced no tokens")
-    for n in todo:
-        result[n] = sums[n] / count
-        if use_cache and rank == 0:
-            folder.mkdir(parents=True, exist_ok=True)
-            save_tensors(
-                folder / f"{n}.safetensors",
-                {"sum": sums[n], "count": torch.tensor(count, dtype=torch.int64)},
-                {"module": n, "corpus": corpus_id, "samples": str(samples), "max_len": str(max_len)},
-            )
+    result.update({n: sums[n] / count for n in todo})
+    if use_cache and rank == 0:
+        _save(folder, sums, count, {"corpus": corpus_id, "samples": str(samples), "max_len": str(max_len)})
     if use_cache and partial.is_file():
         partial.unlink()
     if world > 1:  # the files exist once any rank returns
