@@ -204,11 +204,11 @@ def test_sym_rank_update_matches_dense_and_is_symmetric(panel: int, alpha: float
     C = X @ X.T + d * torch.eye(d, dtype=torch.float64)
     G = torch.randn(d, u, generator=g, dtype=torch.float64)
     dense = C + alpha * (G @ G.T)
-    out = linalg._sym_rank_update(C, G, torch.empty_like(C), alpha=alpha, panel=panel)
+    out = linalg.rls._sym_rank_update(C, G, torch.empty_like(C), alpha=alpha, panel=panel)
     assert rel(out, dense) < 1e-14
     assert torch.equal(out, out.T)
     C2 = C.clone()
-    same = linalg._sym_rank_update(C2, G, C2, alpha=alpha, panel=panel)
+    same = linalg.rls._sym_rank_update(C2, G, C2, alpha=alpha, panel=panel)
     assert same.data_ptr() == C2.data_ptr()
     assert torch.equal(same, out)
 
@@ -217,7 +217,7 @@ def test_rls_step_inplace_and_into_a_buffer_equal_out_of_place(monkeypatch: pyte
     """``inplace`` writes C_next into C, ``out=`` into a given buffer (C untouched): both bitwise what a
     fresh C_next holds; a buffer that overlaps C, has the wrong shape/dtype/layout, or comes with
     inplace=True is refused; a failing step leaves C as it was."""
-    monkeypatch.setattr(linalg, "_PANEL_ROWS", 5)
+    monkeypatch.setattr(linalg.rls, "_PANEL_ROWS", 5)
     sigma, W0, keys, values, _ = make_problem(seed=5)
     C = initial_inverse(sigma, LAM, MU)
     K = keys(4)

@@ -496,7 +496,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from rlsedit.experiment import evaluate_run
+    from rlsedit.evaluate import evaluate_run
     from rlsedit.store import save_json
 
     run = _saved_editor_dir(args.run)
