@@ -11,8 +11,8 @@ import torch
 
 from rlsedit import EditRequest, load_editor, make_editor
 from rlsedit.editors import RLSEditor
-from rlsedit.editors.rlsedit import anchor_matrix
 from rlsedit.eval.objective import objective_terms, objective_terms_from_records
+from rlsedit.linalg import anchor_matrix
 from tiny_models import SAMPLE_REQUESTS, TINY_DIMS, tiny_model
 
 LAYERS = (1, 2)

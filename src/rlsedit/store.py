@@ -41,22 +41,36 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
-import json
 import logging
-import math
 import os
 import re
-import secrets
-import struct
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as _st_load
-from safetensors.torch import save as _st_save
+
+from rlsedit.files import (
+    _SHA_RE,
+    TMP_SUFFIX,
+    CorruptStateError,
+    _canonical_json,
+    _check_json_native,
+    _decode_tensors,
+    _fsync_dir,
+    _is_temp_name,
+    _serialize_tensors,
+    atomic_write_bytes,
+    load_json,
+    load_tensors,
+    load_tensors_metadata,
+    save_json,
+    save_tensors,
+    sha256_bytes,
+    sha256_file,
+)
+from rlsedit.journal import Journal
 
 __all__ = [
     "CorruptStateError",
@@ -79,20 +93,10 @@ logger = logging.getLogger(__name__)
 
 #: Value of ``manifest["format"]`` written by this version.
 RUN_FORMAT = "rlsedit-run/1"
-#: Suffix of the temp files :func:`atomic_write_bytes` creates (names start with a dot too).
-TMP_SUFFIX = ".rlsedit-tmp"
 
-_DIGEST_KEY = "rlsedit.content_sha256"
-_RESERVED_META_PREFIX = "rlsedit."
 _RESERVED_MANIFEST_KEYS = frozenset({"generation", "files", "format", "journal_length", "checksum"})
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _GROUP_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 _STATE_FILE_RE = re.compile(r"^(?P<name>.+)\.g(?P<gen>[0-9]+)\.safetensors$")
-_MAX_HEADER = 100_000_000  # same limit as the safetensors library
-
-
-class CorruptStateError(RuntimeError):
-    """A stored file is truncated, garbled, tampered with or not what its reference says it is."""
 
 
 class RunLockedError(RuntimeError):
@@ -104,163 +108,9 @@ class RunLockedError(RuntimeError):
 # --------------------------------------------------------------------------------------------------------
 
 
-def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
-    """Hex sha256 of ``data``."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of the file at ``path``, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    """fsync a directory so that renames/creations/removals in it are durable (best effort on odd FSs)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError as e:  # pragma: no cover - platform dependent
-        logger.debug("cannot open directory %s for fsync: %s", directory, e)
-        return
-    try:
-        os.fsync(fd)
-    except OSError as e:  # pragma: no cover - some filesystems refuse fsync on directories
-        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _is_temp_name(name: str) -> bool:
-    return name.startswith(".") and name.endswith(TMP_SUFFIX)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | bytearray | memoryview) -> None:
-    """Replace the file at ``path`` with ``data`` atomically and durably.
-
-    Writes a temp file in the same directory (``.<name>.<pid>.<random>.rlsedit-tmp``), flushes and fsyncs it,
-    ``os.replace``-s it over ``path`` and fsyncs the directory. A crash at any point leaves either the old
-    file or the new one at ``path`` (plus possibly a temp file, which :class:`RunStore` cleans up).
-    The parent directory must exist.
-    """
-    path = Path(path)
-    directory = path.parent
-    tmp = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}{TMP_SUFFIX}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
-
-
-def _read_bytes(path: Path, expected_sha256: str | None) -> bytes:
-    """Read a whole file; verify its sha256 when given (CorruptStateError on mismatch)."""
-    data = path.read_bytes()
-    if expected_sha256 is not None:
-        expected = _normalise_sha(expected_sha256, f"expected sha256 for {path}")
-        actual = sha256_bytes(data)
-        if actual != expected:
-            raise CorruptStateError(
-                f"{path}: sha256 mismatch (expected {expected}, file has {actual}); "
-                "the file is corrupt, truncated or was replaced"
-            )
-    return data
-
-
-def _normalise_sha(value: object, what: str) -> str:
-    if not isinstance(value, str) or not _SHA_RE.match(value.lower()):
-        raise ValueError(f"{what} must be a 64-digit hex sha256, got {value!r}")
-    return value.lower()
-
-
 # --------------------------------------------------------------------------------------------------------
 # JSON
 # --------------------------------------------------------------------------------------------------------
-
-
-def _check_json_native(obj: object, where: str = "$") -> None:
-    """Raise TypeError/ValueError unless ``obj`` is made only of dict(str keys)/list/str/int/float/bool/None.
-
-    Tuples, sets, tensors, numpy scalars of integer type, NaN and infinities are refused, so what is
-    saved is exactly what is loaded back.
-    """
-    if obj is None or isinstance(obj, (bool, str, int)):
-        return
-    if isinstance(obj, float):
-        if not math.isfinite(obj):
-            raise ValueError(f"{where}: non-finite float {obj!r} is not allowed in JSON state")
-        return
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if not isinstance(k, str):
-                raise TypeError(f"{where}: dict key {k!r} is not a str")
-            _check_json_native(v, f"{where}[{k!r}]")
-        return
-    if isinstance(obj, list):
-        for i, v in enumerate(obj):
-            _check_json_native(v, f"{where}[{i}]")
-        return
-    raise TypeError(f"{where}: {type(obj).__name__} is not a JSON-native type")
-
-
-def _canonical_json(obj: object) -> str:
-    """Compact, key-sorted, ASCII JSON: the form checksums are computed over."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-finite constant {name} in JSON")
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r} in JSON object")
-        out[k] = v
-    return out
-
-
-def _parse_json(data: bytes, source: str) -> Any:
-    """Strict JSON parse (UTF-8, no NaN/Infinity, no duplicate keys); CorruptStateError on any failure."""
-    try:
-        text = data.decode("utf-8")
-        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise CorruptStateError(f"{source}: corrupt: not valid JSON ({e})") from e
-
-
-def save_json(path: str | os.PathLike[str], obj: Any) -> str:
-    """Atomically write ``obj`` as JSON (sorted keys, indented, UTF-8) and return the file's sha256.
-
-    Only JSON-native types are accepted (see :func:`_check_json_native`); NaN/inf raise ValueError.
-    """
-    _check_json_native(obj)
-    data = (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
-    atomic_write_bytes(path, data)
-    return sha256_bytes(data)
-
-
-def load_json(path: str | os.PathLike[str], expected_sha256: str | None = None) -> Any:
-    """Read JSON written by :func:`save_json`.
-
-    Verifies the file's sha256 when ``expected_sha256`` is given. Invalid UTF-8/JSON, NaN/Infinity
-    constants and duplicate keys raise :class:`CorruptStateError`; a missing file raises FileNotFoundError.
-    """
-    path = Path(path)
-    return _parse_json(_read_bytes(path, expected_sha256), str(path))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -268,315 +118,9 @@ def load_json(path: str | os.PathLike[str], expected_sha256: str | None = None) 
 # --------------------------------------------------------------------------------------------------------
 
 
-def _tensor_bytes(t: torch.Tensor) -> Any:
-    """A zero-copy buffer of a contiguous CPU tensor's raw bytes (for hashing)."""
-    return t.reshape(-1).view(torch.uint8).numpy()
-
-
-def _content_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
-    """Digest of names, dtypes, shapes, raw bytes and user metadata (independent of the file layout)."""
-    desc = {
-        "metadata": dict(metadata),
-        "tensors": [[name, str(tensors[name].dtype), list(tensors[name].shape)] for name in sorted(tensors)],
-    }
-    h = hashlib.sha256(_canonical_json(desc).encode())
-    h.update(b"\0")
-    for name in sorted(tensors):
-        h.update(_tensor_bytes(tensors[name]))
-    return h.hexdigest()
-
-
-def _prepare_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached, dense, contiguous CPU tensors; views and entries sharing storage are cloned.
-
-    (safetensors refuses to save tensors that share memory.)
-    """
-    if not isinstance(tensors, Mapping):
-        raise TypeError(f"tensors must be a mapping of str to Tensor, got {type(tensors).__name__}")
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, t in tensors.items():
-        if not isinstance(name, str) or not name or name == "__metadata__":
-            raise ValueError(f"invalid tensor name {name!r}")
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"tensor {name!r} is a {type(t).__name__}, not a torch.Tensor")
-        if t.layout != torch.strided:
-            raise TypeError(f"tensor {name!r} has layout {t.layout}; only dense tensors can be stored")
-        c = t.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
-        ptr = c.untyped_storage().data_ptr()
-        if ptr in seen or c.data_ptr() != ptr or c.untyped_storage().nbytes() != c.numel() * c.element_size():
-            c = c.clone()
-            ptr = c.untyped_storage().data_ptr()
-        if c.numel() > 0:
-            seen.add(ptr)
-        out[name] = c
-    return out
-
-
-def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, Mapping):
-        raise TypeError(f"metadata must be a dict of str to str, got {type(metadata).__name__}")
-    out: dict[str, str] = {}
-    for k, v in metadata.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise TypeError(f"metadata entries must be str -> str, got {k!r}: {type(v).__name__}")
-        if k.startswith(_RESERVED_META_PREFIX):
-            raise ValueError(f"metadata key {k!r} uses the reserved prefix {_RESERVED_META_PREFIX!r}")
-        out[k] = v
-    return out
-
-
-def _serialize_tensors(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
-) -> tuple[bytes, str]:
-    """safetensors bytes with an embedded content digest, and that digest."""
-    prepared = _prepare_tensors(tensors)
-    meta = _check_metadata(metadata)
-    digest = _content_digest(prepared, meta)
-    data = _st_save(prepared, metadata={**meta, _DIGEST_KEY: digest})
-    return data, digest
-
-
-def save_tensors(
-    path: str | os.PathLike[str],
-    tensors: Mapping[str, torch.Tensor],
-    metadata: dict[str, str] | None = None,
-) -> str:
-    """Atomically write ``tensors`` (moved to CPU, made contiguous) as a safetensors file; return its sha256.
-
-    ``metadata`` (str -> str, keys not starting with ``"rlsedit."``) is stored in the header. A digest of
-    the content (names, dtypes, shapes, bytes, metadata) is stored too, so :func:`load_tensors` detects
-    corruption even without an external checksum.
-    """
-    data, _ = _serialize_tensors(tensors, metadata)
-    atomic_write_bytes(path, data)
-    return sha256_bytes(data)
-
-
-def _parse_header(data: bytes, source: str) -> dict[str, Any]:
-    """The JSON header of safetensors bytes; CorruptStateError when it is not there or not sane."""
-    if len(data) < 8:
-        raise CorruptStateError(f"{source}: not a safetensors file (only {len(data)} bytes)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n < 2 or n > _MAX_HEADER or 8 + n > len(data):
-        raise CorruptStateError(
-            f"{source}: not a safetensors file or truncated (header length {n}, file size {len(data)})"
-        )
-    header = _parse_json(data[8 : 8 + n], f"{source} (safetensors header)")
-    if not isinstance(header, dict):
-        raise CorruptStateError(f"{source}: safetensors header is not a JSON object")
-    meta = header.get("__metadata__", {})
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise CorruptStateError(f"{source}: safetensors metadata is not a str -> str object")
-    return header
-
-
-def _decode_tensors(
-    path: Path, expected_sha256: str | None, verify: bool, want_tensors: bool
-) -> tuple[dict[str, torch.Tensor], dict[str, str], str | None]:
-    """Read, check and decode a safetensors file written by :func:`save_tensors`.
-
-    Returns (tensors, user metadata, embedded content digest); tensors is empty unless decoded.
-    """
-    data = _read_bytes(path, expected_sha256)
-    header = _parse_header(data, str(path))
-    meta = dict(header.get("__metadata__", {}))
-    digest = meta.pop(_DIGEST_KEY, None)
-    user_meta = {k: v for k, v in meta.items() if not k.startswith(_RESERVED_META_PREFIX)}
-    if not (verify or want_tensors):
-        return {}, user_meta, digest
-    try:
-        tensors = _st_load(data)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:  # SafetensorError, and pyo3 panics, which derive from BaseException
-        raise CorruptStateError(f"{path}: invalid safetensors data ({type(e).__name__}: {e})") from e
-    if verify:
-        if digest is None:
-            raise CorruptStateError(
-                f"{path}: no content digest ({_DIGEST_KEY}) in the metadata; not written by "
-                "rlsedit.store.save_tensors, or the header was altered"
-            )
-        actual = _content_digest(tensors, meta)
-        if actual != digest:
-            raise CorruptStateError(
-                f"{path}: content digest mismatch (header says {digest}, data gives {actual}); "
-                "the file is corrupt or was modified"
-            )
-    return tensors, user_meta, digest
-
-
-def load_tensors(
-    path: str | os.PathLike[str],
-    expected_sha256: str | None = None,
-    device: torch.device | str = "cpu",
-    *,
-    verify: bool = True,
-) -> dict[str, torch.Tensor]:
-    """Load a safetensors file written by :func:`save_tensors` onto ``device``.
-
-    Checks, in order: the file's sha256 against ``expected_sha256`` (when given), the header, the tensor
-    data (through the safetensors library, never pickle), and the embedded content digest (unless
-    ``verify=False``, for files written by other tools). Any failure raises :class:`CorruptStateError`
-    naming the file; a missing file raises FileNotFoundError.
-    """
-    path = Path(path)
-    tensors, _, _ = _decode_tensors(path, expected_sha256, verify, want_tensors=True)
-    if torch.device(device).type != "cpu":
-        return {k: v.to(device) for k, v in tensors.items()}
-    # Fresh allocations (64-byte aligned, like every tensor torch creates), not views into the file's
-    # bytes at whatever offset the header left: BLAS results depend in their last bits on the operands'
-    # alignment, and a state loaded from a file must compute exactly what it computed before saving.
-    return {k: v.clone() for k, v in tensors.items()}
-
-
-def load_tensors_metadata(
-    path: str | os.PathLike[str], expected_sha256: str | None = None, *, verify: bool = True
-) -> dict[str, str]:
-    """The user metadata stored by :func:`save_tensors` (reserved ``rlsedit.*`` keys removed).
-
-    With ``verify=True`` (default) the whole file is checked as in :func:`load_tensors`; with
-    ``verify=False`` only the header is parsed (cheap, but a garbled metadata value is not detected
-    unless ``expected_sha256`` is given).
-    """
-    _, meta, _ = _decode_tensors(Path(path), expected_sha256, verify, want_tensors=False)
-    return meta
-
-
 # --------------------------------------------------------------------------------------------------------
 # Journal
 # --------------------------------------------------------------------------------------------------------
-
-
-def _journal_record_hash(seq: int, entry: dict[str, Any]) -> str:
-    return sha256_bytes(_canonical_json({"entry": entry, "seq": seq}).encode())
-
-
-def _parse_journal_line(line: bytes, expected_seq: int) -> tuple[dict[str, Any] | None, str]:
-    """(entry, "") for a valid record line (without its newline), else (None, reason)."""
-    try:
-        rec = json.loads(
-            line.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys
-        )
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        return None, f"not valid JSON: {e}"
-    if not isinstance(rec, dict) or set(rec) != {"entry", "seq", "sha256"}:
-        return None, "not a journal record"
-    entry, seq, digest = rec["entry"], rec["seq"], rec["sha256"]
-    if not isinstance(entry, dict) or not isinstance(digest, str) or type(seq) is not int:
-        return None, "malformed journal record"
-    if _journal_record_hash(seq, entry) != digest:
-        return None, "checksum mismatch"
-    if seq != expected_seq:
-        return None, f"sequence number {seq} where {expected_seq} was expected (duplicated or missing line)"
-    return entry, ""
-
-
-class Journal:
-    """Append-only JSON-lines log; each line is ``{"entry": {...}, "seq": n, "sha256": ...}``.
-
-    ``sha256`` covers the canonical JSON of ``{"entry", "seq"}``; ``seq`` is the 0-based line number, so
-    duplicated, dropped or reordered lines are detected. Appends use ``O_APPEND`` and ``fsync``.
-    A torn last line (a crash mid-append) is ignored with a warning by :meth:`entries` and cut off by
-    :meth:`repair`, which :meth:`append` runs before writing when needed. A bad line before the last raises
-    :class:`CorruptStateError`. Not safe for concurrent writers: hold :meth:`RunStore.lock`.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        # (file size, number of entries) of a clean journal this object has verified or written.
-        self._known: tuple[int, int] | None = None
-
-    def __repr__(self) -> str:
-        return f"Journal({str(self.path)!r})"
-
-    def _scan(self) -> tuple[list[dict[str, Any]], int, str]:
-        """(valid entries, byte offset where they end, reason the tail is torn or "")."""
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return [], 0, ""
-        entries: list[dict[str, Any]] = []
-        pos = 0
-        lineno = 0
-        while pos < len(data):
-            lineno += 1
-            nl = data.find(b"\n", pos)
-            if nl == -1:
-                return entries, pos, f"line {lineno} has no newline (partial write)"
-            entry, reason = _parse_journal_line(data[pos:nl], len(entries))
-            if entry is None:
-                if nl + 1 == len(data):
-                    return entries, pos, f"last line {lineno}: {reason}"
-                raise CorruptStateError(f"{self.path}: line {lineno} is corrupt ({reason})")
-            entries.append(entry)
-            pos = nl + 1
-        return entries, pos, ""
-
-    def _size(self) -> int:
-        try:
-            return self.path.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def entries(self) -> list[dict[str, Any]]:
-        """All committed entries, oldest first (a torn last line is ignored with a warning)."""
-        entries, end, torn = self._scan()
-        if torn:
-            logger.warning("%s: ignoring torn tail (%s); Journal.repair() will remove it", self.path, torn)
-        else:
-            self._known = (end, len(entries))
-        return entries
-
-    def __len__(self) -> int:
-        size = self._size()
-        if self._known is not None and self._known[0] == size:
-            return self._known[1]
-        return len(self.entries())
-
-    def repair(self) -> int:
-        """Truncate a torn last line; return the number of bytes removed (0 when the journal is clean)."""
-        entries, end, torn = self._scan()
-        removed = 0
-        if torn:
-            size = self._size()
-            removed = size - end
-            fd = os.open(self.path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
-            try:
-                os.ftruncate(fd, end)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            logger.warning("%s: removed torn tail of %d bytes (%s)", self.path, removed, torn)
-        self._known = (end, len(entries))
-        return removed
-
-    def append(self, entry: dict[str, Any]) -> int:
-        """Durably append one entry (a JSON-native dict); return its 0-based sequence number."""
-        if not isinstance(entry, dict):
-            raise TypeError(f"a journal entry must be a dict, got {type(entry).__name__}")
-        _check_json_native(entry)
-        if self._known is None or self._known[0] != self._size():
-            self.repair()  # someone else wrote, or a torn tail: re-verify and clean up first
-        assert self._known is not None
-        size, seq = self._known
-        digest = _journal_record_hash(seq, entry)
-        line = (_canonical_json({"entry": entry, "seq": seq, "sha256": digest}) + "\n").encode()
-        created = not self.path.exists()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
-        try:
-            view = memoryview(line)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if created:
-            _fsync_dir(self.path.parent)
-        self._known = (size + len(line), seq + 1)
-        return seq
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from rlsedit.editors.base import EditError, EditorConfig, LayerUpdate, register_
 from rlsedit.editors.loop import LocateThenEditEditor
 from rlsedit.linalg import (
     RetractionError,
+    anchor_matrix,
     drift,
     drift_estimate,
     initial_inverse,
@@ -37,20 +38,11 @@ from rlsedit.linalg import (
 )
 from rlsedit.models.arch import add_delta_kv, get_module
 
-__all__ = ["RLSEditConfig", "RLSEditor", "anchor_matrix"]
+__all__ = ["RLSEditConfig", "RLSEditor"]
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
-
-
-def anchor_matrix(sigma: torch.Tensor, lam: float, mu: float) -> torch.Tensor:
-    """``A_0 = lam^2 I + mu^2 Sigma`` (``(d_k, d_k)``, float64, on Sigma's device; Sigma symmetrised)
-    exactly as ``C_0`` inverts it."""
-    s64 = sigma.to(torch.float64)
-    A0 = (mu**2) * (0.5 * (s64 + s64.T))
-    A0.diagonal().add_(lam**2)
-    return A0
 
 
 @dataclass

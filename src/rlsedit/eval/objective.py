@@ -20,11 +20,14 @@ term directly from the records (the reference the tests compare with).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rlsedit.editors.rlsedit import RLSEditor, anchor_matrix
+from rlsedit.linalg import anchor_matrix
+
+if TYPE_CHECKING:  # the editor imports this module when asked for its terms
+    from rlsedit.editors.rlsedit import RLSEditor
 
 __all__ = ["objective_terms", "objective_terms_from_records"]
 
@@ -100,6 +103,8 @@ def objective_terms(editor: RLSEditor) -> dict[int, dict[str, Any]]:
     Returns:
         ``{layer: {"fit_batch", "fit_total", "dist_w0", "anchor", "objective", "n_keys", "source"}}``.
     """
+    from rlsedit.editors.rlsedit import RLSEditor
+
     if not isinstance(editor, RLSEditor):
         raise TypeError(f"objective terms are defined for the rlsedit editor, not {type(editor).__name__}")
     if any("B" not in editor.layer_state[layer] for layer in editor.config.layers):

@@ -24,6 +24,7 @@ solves in :mod:`rlsedit.linalg.solves`, argument checks in :mod:`rlsedit.linalg.
 
 from rlsedit.linalg.rls import (
     RetractionError,
+    anchor_matrix,
     drift,
     drift_estimate,
     initial_inverse,
@@ -35,6 +36,7 @@ from rlsedit.linalg.solves import alphaedit_delta, memit_delta, nullspace_projec
 
 __all__ = [
     "RetractionError",
+    "anchor_matrix",
     "alphaedit_delta",
     "drift",
     "drift_estimate",

@@ -25,6 +25,7 @@ Tensor = torch.Tensor
 
 __all__ = [
     "RetractionError",
+    "anchor_matrix",
     "drift",
     "drift_estimate",
     "initial_inverse",
@@ -40,6 +41,15 @@ class RetractionError(ValueError):
     Raised by :func:`rls_retract` before anything is computed that a caller could mistake for a
     result; the inputs are left untouched.
     """
+
+
+def anchor_matrix(sigma: torch.Tensor, lam: float, mu: float) -> torch.Tensor:
+    """``A_0 = lam^2 I + mu^2 Sigma`` (``(d_k, d_k)``, float64, on Sigma's device; Sigma symmetrised):
+    the matrix :func:`initial_inverse` inverts (RLSEdit's anchor)."""
+    s64 = sigma.to(torch.float64)
+    A0 = (mu**2) * (0.5 * (s64 + s64.T))
+    A0.diagonal().add_(lam**2)
+    return A0
 
 
 def initial_inverse(

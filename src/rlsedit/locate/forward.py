@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +25,14 @@ from rlsedit.hooks import add_at_positions, trace
 from rlsedit.locate.tokens import pad_rows
 from rlsedit.models.arch import get_arch, get_module, input_device
 
-if TYPE_CHECKING:
-    from rlsedit.locate.targets import TargetConfig
+
+class ForwardSettings(Protocol):
+    """What :func:`_make_forward` reads of a ``TargetConfig``."""
+
+    fast: bool
+    chunk_rows: int
+    skip_layers: bool
+
 
 log = logging.getLogger(__name__)
 
@@ -498,7 +504,7 @@ _warned_fallback: set[str] = set()
 
 
 def _make_forward(
-    model: nn.Module, sites: _Sites, rows: Sequence[_Row], pad: int, cfg: TargetConfig
+    model: nn.Module, sites: _Sites, rows: Sequence[_Row], pad: int, cfg: ForwardSettings
 ) -> tuple[_ChunkForward, dict]:
     """The chunk forward ``cfg`` asks for, falling back to the full one (with a warning) where the
     prefix cache is unsupported. Returns ``(forward, info)`` (info goes to ``TargetResult.extra``)."""

@@ -8,62 +8,13 @@ package that calls :func:`register_task` (and is imported below).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
-from torch import nn
+from rlsedit.tasks import counterfact, zsre  # noqa: F401  (each registers its task)
+from rlsedit.tasks.base import _TASKS, Task, register_task, task_names
+from rlsedit.tasks.knowedit import file_task
 
 __all__ = ["Task", "get_task", "register_task", "task_names"]
-
-
-@dataclass(frozen=True)
-class Task:
-    """One evaluation dataset.
-
-    Attributes:
-        name: the name runs and the CLI use (``--dataset NAME``).
-        splits: the splits ``load`` accepts; the first is the default.
-        load: ``load(split, limit)`` -> the split's cases in order (the first ``limit``; None: all).
-        every_case: ``every_case()`` -> every case of every split (to find a run's cases by ``case_id``).
-        score: ``score(model, tokenizer, cases)`` -> one record (dict) per case.
-        summarize: ``summarize(records, exclude)`` -> means, intervals and ``n``, the case ids in
-            ``exclude`` left out.
-        generation_metrics: whether fluency and consistency are measured on its cases.
-        label: the name in messages.
-    """
-
-    name: str
-    splits: tuple[str, ...]
-    load: Callable[[str, int | None], Sequence[Any]]
-    every_case: Callable[[], Sequence[Any]]
-    score: Callable[[nn.Module, Any, Sequence[Any]], list[dict[str, Any]]]
-    summarize: Callable[[Iterable[dict[str, Any]], Iterable[Any]], dict[str, Any]]
-    generation_metrics: bool = False
-    label: str = ""
-
-    def cases(self, split: str, offset: int, n: int) -> list[Any]:
-        """Cases ``offset .. offset + n - 1`` of ``split`` (fewer where the split ends)."""
-        self.check_split(split)
-        return list(self.load(split, offset + n)[offset:])
-
-    def check_split(self, split: str) -> None:
-        """ValueError for a split this dataset does not have."""
-        if split not in self.splits:
-            raise ValueError(
-                f"{self.label or self.name} has no {split!r} split (valid: {', '.join(self.splits)})"
-            )
-
-
-_TASKS: dict[str, Task] = {}
-
-
-def register_task(task: Task) -> Task:
-    """Add ``task`` to the registry (ValueError for a name taken)."""
-    if task.name in _TASKS:
-        raise ValueError(f"a task named {task.name!r} is registered already")
-    _TASKS[task.name] = task
-    return task
 
 
 def get_task(name: str) -> Task:
@@ -71,20 +22,8 @@ def get_task(name: str) -> Task:
     records (:mod:`rlsedit.tasks.knowedit`); ValueError naming the valid ones otherwise."""
     if name in _TASKS:
         return _TASKS[name]
-    from pathlib import Path
-
     if Path(name).is_file():
-        from rlsedit.tasks.knowedit import file_task
-
         return file_task(name)
     if name.endswith((".json", ".jsonl")) or "/" in name:
         raise ValueError(f"dataset file {name!r} not found")
     raise ValueError(f"dataset {name!r} is not supported (valid: {', '.join(_TASKS)}, or a file of records)")
-
-
-def task_names() -> tuple[str, ...]:
-    """Registered task names, in registration order."""
-    return tuple(_TASKS)
-
-
-from rlsedit.tasks import counterfact, zsre  # noqa: E402,F401  (each registers its task)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from rlsedit.datasets import load_counterfact
 from rlsedit.eval.counterfact import score_counterfact, summarize_counterfact
-from rlsedit.tasks import Task, register_task
+from rlsedit.tasks.base import Task, register_task
 
 TASK = register_task(
     Task(

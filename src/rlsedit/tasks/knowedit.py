@@ -41,7 +41,7 @@ from rlsedit.datasets import _prompts
 from rlsedit.eval.scoring import target_token_top1
 from rlsedit.eval.summary import summarize_metrics
 from rlsedit.requests import EditRequest, RequestError, first_answer
-from rlsedit.tasks import Task
+from rlsedit.tasks.base import Task
 
 __all__ = ["KnowEditCase", "file_task", "read_cases", "score_knowedit", "summarize_knowedit"]
 

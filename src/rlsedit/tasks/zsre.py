@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from rlsedit.datasets import load_zsre
 from rlsedit.eval.zsre import score_zsre, summarize_zsre
-from rlsedit.tasks import Task, register_task
+from rlsedit.tasks.base import Task, register_task
 
 TASK = register_task(
     Task(
