@@ -126,19 +126,54 @@ def test_terms_follow_retraction_and_save_load(tmp_path: Path) -> None:
     _assert_close(objective_terms(loaded), want)
 
 
-def test_state_without_running_sums_falls_back_to_records() -> None:
-    """A run saved before the editor kept B and vv: terms come from the records, edits keep working."""
+def _migration_script() -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "migrate_runs.py"
+    spec = importlib.util.spec_from_file_location("migrate_runs", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_run_saved_without_running_sums_is_refused_until_migrated(tmp_path: Path) -> None:
+    """A run saved before the editor kept B and vv (editor format 1) is refused on load, naming the
+    migration script; the migration computes B and vv from the records (the active requests: the same as
+    the editor kept, up to the records' float32 rounding), the terms then match the naive ones, and the
+    resumed editor edits and retracts."""
+    from rlsedit.store import RunStore
+
     editor = _editor()
+    editor.edit(REQUESTS[:4], batch_size=2)
+    editor.retract(1, 0)  # one request of batch 1: the sums cover the active ones only
+    run = tmp_path / "run"
+    editor.save(run)
+    store = RunStore(run)
+    manifest = store.load_manifest()
+    state = {name: store.load_state(name) for name in manifest["files"]}
+    for group in state.values():
+        group.pop("B", None)
+        group.pop("vv", None)
+    reserved = {"generation", "files", "format", "journal_length", "checksum"}
+    store.commit(
+        state, {**{k: v for k, v in manifest.items() if k not in reserved}, "kind": "rlsedit-editor/1"}
+    )
+    model, tok = tiny_model("llama", seed=0)
+    with pytest.raises(ValueError, match="migrate_runs"):
+        load_editor(run, model, tok)
+    migrate = _migration_script()
+    assert migrate.migrate(run) == ["run directory"] and migrate.migrate(run) == []
+    loaded = load_editor(run, model, tok)
     for layer in LAYERS:
         for key in ("B", "vv"):
-            del editor.layer_state[layer][key]
-    editor.edit(REQUESTS[:4], batch_size=2)
-    assert "B" not in editor.layer_state[LAYERS[0]]
-    terms = objective_terms(editor)
-    assert all(t["source"] == "records" for t in terms.values())
-    _assert_close(terms, _naive(editor))
-    editor.retract(0)
-    _assert_close(objective_terms(editor), _naive(editor))
+            torch.testing.assert_close(
+                loaded.layer_state[layer][key], editor.layer_state[layer][key], rtol=1e-5, atol=1e-6
+            )
+        assert torch.equal(loaded.layer_state[layer]["C"], editor.layer_state[layer]["C"])
+    _assert_close(objective_terms(loaded), _naive(loaded))
+    loaded.edit(REQUESTS[4:6])
+    loaded.retract(0)
+    _assert_close(objective_terms(loaded), _naive(loaded))
 
 
 def test_only_for_rlsedit() -> None:

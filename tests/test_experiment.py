@@ -32,11 +32,11 @@ def _stream_spec(model_dir: Path) -> ExperimentSpec:
     )
 
 
-def _script(name: str, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """experiments/<name>.py loaded as a module (registered in sys.modules, where dataclasses look)."""
+def _script(name: str, monkeypatch: pytest.MonkeyPatch, folder: str = "experiments") -> Any:
+    """<folder>/<name>.py loaded as a module (registered in sys.modules, where dataclasses look)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    path = Path(__file__).resolve().parents[1] / folder / f"{name}.py"
     mod_spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(mod_spec)
     monkeypatch.setitem(sys.modules, name, mod)
@@ -293,12 +293,26 @@ def test_rerun_computes_nothing_again(zsre_run: tuple[ExperimentSpec, Path]) -> 
     assert res["post"] == before["post"] and res["capability"] == before["capability"]
 
 
-def test_spec_written_before_the_evaluation_fields_still_matches(finished: Path, model_dir: Path) -> None:
+def test_a_spec_of_the_older_format_is_refused_until_migrated(
+    finished: Path, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spec.json written before the evaluation fields existed (format 1) is refused, naming the migration
+    script; migrated, it stands for the old behaviour of the fields it lacked, and a second pass changes
+    nothing."""
+    migrate = _script("migrate_runs", monkeypatch, folder="scripts")
     saved = json.loads((finished / "spec.json").read_text())
-    old = {k: v for k, v in saved.items() if k not in ("fluency", "capability", "consistency_dir")}
+    old = {k: v for k, v in saved.items() if k not in ("fluency", "capability", "consistency_dir", "targets")}
+    old["format"] = "rlsedit-experiment/1"
     spec = _stream_spec(model_dir)
-    assert spec.matches(saved) and spec.matches(old)
-    assert not ExperimentSpec(**{**spec.__dict__, "fluency": 5}).matches(old)
+    assert spec.matches(saved)
+    with pytest.raises(ValueError, match="migrate_runs"):
+        spec.matches(old)
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(old))
+    assert migrate.migrate_spec(path) and not migrate.migrate_spec(path)
+    upgraded = json.loads(path.read_text())
+    assert spec.matches(upgraded) and upgraded == saved
+    assert not ExperimentSpec(**{**spec.__dict__, "fluency": 5}).matches(upgraded)
 
 
 def test_spec_checks_for_the_new_fields() -> None:
@@ -691,12 +705,12 @@ def test_a_recorded_stream_replays_from_its_files_and_cached_targets(
 
 
 def test_a_replay_on_another_machine_reads_the_recorded_targets_within_a_stated_tolerance(
-    model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another CPU rounds differently, so its weights hash to other targets-cache keys and its reports
     differ from the record in the last bits. The replay reads each batch's targets from the file the
-    record names (or, for a record written before batches kept the keys, the one file whose NLLs are the
-    recorded ones) and accepts differences within ``--replay-rtol``, keeping each batch's largest
+    record names (for a record written before batches kept the keys, the migration names the one file
+    whose NLLs are the recorded ones) and accepts differences within ``--replay-rtol``, keeping each batch's largest
     difference in replays.json; the default tolerance refuses them, and says how to go on."""
     import logging
 
@@ -718,6 +732,9 @@ def test_a_replay_on_another_machine_reads_the_recorded_targets_within_a_stated_
         record.pop(key)
     record["residual_after"] *= 1 + 1e-5  # the last bits of another CPU
     (other / "batches.json").write_text(json.dumps([record]))
+    migrate = _script("migrate_runs", monkeypatch, folder="scripts")
+    assert migrate.migrate(other, other / "targets") == ["batches.json"]
+    assert json.loads((other / "batches.json").read_text())[0]["targets_keys"] == ["recorded"]
     argv = [*_stream_argv(model_dir, other, stats), "--targets-cache", str(other / "targets")]
     with pytest.raises(ReplayMismatch, match="--replay-rtol"):
         run_experiment(_stream_spec(model_dir), other, stats_dir=stats, targets_cache=other / "targets")
@@ -761,12 +778,25 @@ def test_a_replay_on_another_machine_reads_the_recorded_targets_within_a_stated_
     assert json.loads((other / "results.json").read_text())["edits"] == 6
 
 
-def test_recorded_targets_are_found_by_key_or_by_their_unique_nlls(tmp_path: Path) -> None:
-    """A record's ``targets_keys`` win; an older record finds the one file with its request count and its
-    exact mean NLLs, and none where two files match (or the figures differ)."""
+def test_recorded_targets_are_found_by_key_or_by_their_unique_nlls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record's ``targets_keys`` are what a replay reads; the migration gives an older record the one
+    file with its request count and its exact mean NLLs, and none where two files match (or the figures
+    differ)."""
     import torch
 
-    from rlsedit.replay import recorded_targets_keys as _recorded_targets_keys
+    from rlsedit.replay import recorded_targets_keys
+
+    migrate = _script("migrate_runs", monkeypatch, folder="scripts")
+
+    def _recorded_targets_keys(cache: Path, record: dict, index: dict) -> list[str]:
+        if "targets_keys" in record:
+            return recorded_targets_keys(record)
+        if not index and cache.is_dir():
+            index.update(migrate.cached_target_figures(cache))
+        return migrate.matching_keys(record, index)
+
     from rlsedit.store import save_tensors
 
     def put(name: str, n: int, init: float, final: float) -> None:

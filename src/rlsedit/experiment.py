@@ -57,18 +57,10 @@ __all__ = [
 
 #: Datasets an experiment can stream (the registered tasks, :mod:`rlsedit.tasks`).
 DATASETS = task_names()
-#: Spec fields added after the first spec format, with the value an older spec.json stands for.
-_LATER_FIELDS: dict[str, Any] = {
-    "fluency": 100,
-    "capability": None,
-    "consistency_dir": None,
-    "checkpoint_cases": 0,
-    "targets": "dynamic",
-}
 
 log = logging.getLogger(__name__)
 
-SPEC_FORMAT = "rlsedit-experiment/1"
+SPEC_FORMAT = "rlsedit-experiment/2"
 #: How a run's targets are obtained (see ``ExperimentSpec.targets``).
 TARGET_PROTOCOLS = ("dynamic", "static")
 
@@ -144,9 +136,15 @@ class ExperimentSpec:
         return {"format": SPEC_FORMAT, **asdict(self)}
 
     def matches(self, saved: dict[str, Any]) -> bool:
-        """Whether a saved ``spec.json`` describes this experiment (a spec written before a field existed
-        stands for that field's old behaviour, see ``_LATER_FIELDS``)."""
-        return {**_LATER_FIELDS, **saved} == self.to_dict()
+        """Whether a saved ``spec.json`` describes this experiment (ValueError for a spec of an older
+        format: ``scripts/migrate_runs.py`` upgrades it)."""
+        if saved.get("format") != SPEC_FORMAT:
+            raise ValueError(
+                f"the experiment's spec.json has format {saved.get('format')!r} (written by an older "
+                f"rlsedit; this one writes {SPEC_FORMAT!r}): upgrade the folder first with "
+                "python scripts/migrate_runs.py"
+            )
+        return saved == self.to_dict()
 
 
 Case = CounterFactCase | ZsreCase

@@ -29,7 +29,9 @@ __all__ = ["EDITOR_KIND", "RunRecorder", "journal_entry", "reconcile_journal", "
 log = logging.getLogger(__name__)
 
 #: The ``kind`` of an editor's manifest in its run store (the store's own layout: ``store.RUN_FORMAT``).
-EDITOR_KIND = "rlsedit-editor/1"
+EDITOR_KIND = "rlsedit-editor/2"
+#: Older editor formats, upgraded by ``scripts/migrate_runs.py``.
+OLD_EDITOR_KINDS = ("rlsedit-editor/1",)
 
 
 def journal_entry(generation: int, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -193,6 +195,11 @@ class RunRecorder:
     def open(store: RunStore) -> dict[str, Any]:
         """The committed editor manifest of ``store`` (FileNotFoundError if there is none)."""
         manifest = store.load_manifest()
+        if manifest is not None and manifest.get("kind") in OLD_EDITOR_KINDS:
+            raise ValueError(
+                f"{store.root} was saved by an older rlsedit ({manifest['kind']}); upgrade it first: "
+                f"python scripts/migrate_runs.py {store.root}"
+            )
         if manifest is None or manifest.get("kind") != EDITOR_KIND:
             raise FileNotFoundError(f"{store.root} holds no saved editor (no committed manifest)")
         return manifest

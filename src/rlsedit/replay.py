@@ -123,29 +123,10 @@ def check_replay(
     return checked
 
 
-def recorded_targets_keys(cache: Path | None, record: dict[str, Any], index: dict[str, Any]) -> list[str]:
-    """The targets cache keys a recorded batch used: its ``targets_keys`` or, for a record written before
-    batches kept them, the one file in ``cache`` holding ``n_requests`` targets whose mean initial and
-    final NLL are exactly the recorded ones (none where no single file matches). ``index`` memoises the
-    files' figures across calls."""
-    if "targets_keys" in record:
-        return list(record["targets_keys"])
-    if cache is None or not cache.is_dir():
-        return []
-    from rlsedit.store import load_tensors
-
-    if not index:
-        for path in sorted(cache.glob("targets-*.safetensors")):
-            try:
-                t = load_tensors(path)
-                figures = (int(t["z"].shape[0]), float(t["nll_init"].mean()), float(t["nll_final"].mean()))
-            except Exception as exc:  # an unreadable file matches nothing
-                log.warning("ignoring the cached target file %s: %s", path, exc)
-                continue
-            index[path.name[len("targets-") : -len(".safetensors")]] = figures
-    want = (int(record["n_requests"]), record.get("target_nll_init"), record.get("target_nll_final"))
-    keys = [k for k, figures in index.items() if figures == want]
-    return keys if len(keys) == 1 else []
+def recorded_targets_keys(record: dict[str, Any]) -> list[str]:
+    """The targets cache keys a recorded batch used (its ``targets_keys``; none in a record written before
+    batches kept them and not upgraded by ``scripts/migrate_runs.py --targets-cache``)."""
+    return list(record.get("targets_keys", []))
 
 
 class Replay:
@@ -173,7 +154,6 @@ class Replay:
         self.recorded = {int(r["chunk"]): i for i, r in enumerate(reports) if int(r["chunk"]) >= applied}
         self.log: list[dict[str, Any]] = []
         self.replayed = 0
-        self._index: dict[str, Any] = {}
         self._replays: list[dict[str, Any]] = []
         if self.recorded:
             log.info(
@@ -199,7 +179,7 @@ class Replay:
         cache to read them from)."""
         if chunk not in self.recorded or cache is None:
             return None
-        return recorded_targets_keys(Path(cache), self.reports[self.recorded[chunk]], self._index)
+        return recorded_targets_keys(self.reports[self.recorded[chunk]])
 
     def check(self, chunk: int, entry: dict[str, Any]) -> None:
         """Compare the replayed batch's report ``entry`` with its record (:func:`check_replay`) and keep

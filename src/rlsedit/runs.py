@@ -83,10 +83,9 @@ def load_checkpoints(out: str | Path) -> list[dict[str, Any]]:
 
 
 def batch_targets_cached(batch: dict[str, Any]) -> bool:
-    """Whether a batch report's targets came from a ``--targets-cache``. Reports written before batches
-    carried ``targets_cached`` count as cached when they show under 0.5 s of target optimisation (a
-    batch's optimisation takes minutes)."""
-    return bool(batch.get("targets_cached", float(batch.get("timings", {}).get("targets", 0.0)) < 0.5))
+    """Whether a batch report's targets came from a ``--targets-cache`` (a report written before batches
+    carried ``targets_cached`` is upgraded by ``scripts/migrate_runs.py``)."""
+    return bool(batch.get("targets_cached", False))
 
 
 def timing_sums(

@@ -13,7 +13,8 @@ written to the run directory, so any batch, or one request, can be retracted exa
 Layer state: ``C`` (``C_t``), ``A`` (``A_t``, float64) and the running sums over the active requests
 ``B = sum_s K_s V_s`` (``(d_k, d_v)``, float64) and ``vv = sum_s ||V_s||_F^2`` (``(1,)``, float64), so that
 the objective's terms can be evaluated without reading the records (:mod:`rlsedit.eval.objective`), with
-``sum_s K_s K_s^T = A_t - A_0``. A run saved before ``B`` and ``vv`` existed resumes without them.
+``sum_s K_s K_s^T = A_t - A_0`` (a run saved before ``B`` and ``vv`` existed is upgraded by
+``scripts/migrate_runs.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from rlsedit.editors.base import EditError, EditorConfig, LayerUpdate, register_editor
+from rlsedit.editors.base import EditorConfig, LayerUpdate, register_editor
 from rlsedit.editors.loop import LocateThenEditEditor
 from rlsedit.linalg import (
     RetractionError,
@@ -159,11 +160,6 @@ class RLSEditor(LocateThenEditEditor):
         import math
 
         cfg = self.config
-        if "B" not in st:
-            raise EditError(
-                f"layer {layer}: a growing anchor needs the running sum B of the state, which this run "
-                "(saved before B existed) lacks"
-            )
         A = st["A"]
         dev = A.device
         sigma = self.sigma_on_device(layer, keep=False).to(torch.float64)
@@ -215,9 +211,8 @@ class RLSEditor(LocateThenEditEditor):
         state = {"C": C_next, "A": A_next}
         if "mu2" in st or mu2 != self.config.mu**2:
             state["mu2"] = torch.full((1,), mu2, dtype=torch.float64, device=dev)
-        if "B" in st:  # running sums (absent in runs saved before they existed)
-            state["B"] = torch.addmm(st["B"], K64, V64)
-            state["vv"] = st["vv"] + (V64 * V64).sum()
+        state["B"] = torch.addmm(st["B"], K64, V64)
+        state["vv"] = st["vv"] + (V64 * V64).sum()
         return LayerUpdate(
             delta=delta,
             state=state,
@@ -360,9 +355,8 @@ class RLSEditor(LocateThenEditEditor):
                 what = f"batch {batch_id}" + ("" if indices is None else f", request(s) {cols}")
                 raise RetractionError(f"{what}, layer {layer}: {exc}; nothing was changed") from exc
             state = {**st, "C": C_new, "A": st["A"] - K @ K.T}
-            if "B" in st:
-                state["B"] = st["B"] - K @ V
-                state["vv"] = st["vv"] - (V * V).sum()
+            state["B"] = st["B"] - K @ V
+            state["vv"] = st["vv"] - (V * V).sum()
             new[layer] = (C_new, W_new - W64, state)
         with self.transaction():
             for layer, (_, dW, state) in new.items():

@@ -12,8 +12,7 @@ For an edited layer with current weight ``W`` (``(d_k, d_v)``), base weight ``W_
 
 ``fit_total`` comes from running sums, ``tr(W^T P W) - 2 tr(W^T B) + vv`` with ``P = sum K K^T = A_t - A_0``,
 ``B = sum K V`` and ``vv = sum ||V||^2`` kept in the editor's state, so its cost does not grow with the
-number of batches; for a run saved before the editor kept ``B`` and ``vv`` it is computed from the
-records on disk instead (``source`` says which). :func:`objective_terms_from_records` computes every
+number of batches (``source``: "running sums"). :func:`objective_terms_from_records` computes every
 term directly from the records (the reference the tests compare with).
 """
 
@@ -98,7 +97,7 @@ def objective_terms_from_records(editor: RLSEditor) -> dict[int, dict[str, Any]]
 @torch.no_grad()
 def objective_terms(editor: RLSEditor) -> dict[int, dict[str, Any]]:
     """The objective's terms per edited layer after the last applied batch (see the module docstring),
-    from the editor's running sums (or from the records when its state has none).
+    from the editor's running sums.
 
     Returns:
         ``{layer: {"fit_batch", "fit_total", "dist_w0", "anchor", "objective", "n_keys", "source"}}``.
@@ -107,8 +106,6 @@ def objective_terms(editor: RLSEditor) -> dict[int, dict[str, Any]]:
 
     if not isinstance(editor, RLSEditor):
         raise TypeError(f"objective terms are defined for the rlsedit editor, not {type(editor).__name__}")
-    if any("B" not in editor.layer_state[layer] for layer in editor.config.layers):
-        return objective_terms_from_records(editor)
     cfg = editor.config
     n_keys = sum(len(_active(b)) for b in editor.batches)
     out = {}
