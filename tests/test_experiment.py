@@ -446,8 +446,8 @@ def test_sampled_checkpoints_and_shared_pre_cache(
 
 
 def test_stop_after_leaves_a_resumable_run(finished: Path, model_dir: Path, tmp_path: Path) -> None:
-    """--stop-after applies the edits up to N (and the checkpoint there), then stops; the same command
-    without it resumes and ends where an uninterrupted run ends."""
+    """--stop-after applies the edits up to N (and the checkpoint there, the stream's end included), then
+    stops; the same command without it resumes and ends where an uninterrupted run ends."""
     out = tmp_path / "stopped"
     argv = _stream_argv(model_dir, out, finished.parent / "stats")
     assert cli.main([*argv, "--stop-after", "3"]) == 0
@@ -461,6 +461,10 @@ def test_stop_after_leaves_a_resumable_run(finished: Path, model_dir: Path, tmp_
     assert gen.stat().st_mtime_ns == stamp  # nor generates again
     with pytest.raises(SystemExit):
         cli.main([*argv, "--stop-after", "0"])
+    # a stop at the stream's end applies the rest and scores its checkpoint, not the final scoring
+    assert cli.main([*argv, "--stop-after", "6"]) == 0
+    assert not (out / "results.json").exists() and (out / "checkpoints" / "000006.json").exists()
+    assert load_results(out, partial=True)["edits_applied"] == 6
     assert cli.main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     assert [b["batch_id"] for b in res["batches"]] == [0, 1]
@@ -710,8 +714,9 @@ def test_a_replay_on_another_machine_reads_the_recorded_targets_within_a_stated_
     """Another CPU rounds differently, so its weights hash to other targets-cache keys and its reports
     differ from the record in the last bits. The replay reads each batch's targets from the file the
     record names (for a record written before batches kept the keys, the migration names the one file
-    whose NLLs are the recorded ones) and accepts differences within ``--replay-rtol``, keeping each batch's largest
-    difference in replays.json; the default tolerance refuses them, and says how to go on."""
+    whose NLLs are the recorded ones) and accepts differences within ``--replay-rtol``, keeping each
+    batch's largest difference in replays.json; the default tolerance refuses them, and says how to go
+    on."""
     import logging
 
     from rlsedit.replay import REPLAY_FILE, REPLAY_MISMATCH_FILE, ReplayMismatch

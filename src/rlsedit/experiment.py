@@ -209,7 +209,7 @@ def run_experiment(
     """Run (or resume) the experiment ``spec`` in folder ``out``; return the results dict.
 
     ``stop_after``: stop once this many edits are applied (and their checkpoint, if one falls there, is
-    scored), leaving the run resumable; no final scoring is done, and the returned dict is then what
+    scored, at the stream's end too), leaving the run resumable; no final scoring is done, and the returned dict is then what
     :func:`rlsedit.runs.load_results` assembles of a run in progress (``"partial": True``, ``"post"`` the
     last checkpoint's summary, ``"edits"`` its edits) plus ``"stopped_after"``, the edits applied. A
     stream that is already further along is not rolled back: the call just stops before applying
@@ -422,15 +422,18 @@ def _edit_stream(
                 )
             # the model holds exactly the first `done` edits only right after this chunk's batch
             if len(editor.batches) == k + 1:
-                _checkpoint_at(run, editor, done)
+                _checkpoint_at(run, editor, done, stopping=stop_after is not None and done >= stop_after)
+        if stopped_at is None and stop_after is not None and done >= stop_after:
+            stopped_at = len(chunks)  # a stop at the stream's end: its checkpoint, no final scoring
     replay.close()
     return editor, reports, done, stopped_at
 
 
-def _checkpoint_at(run: _Stream, editor: Any, done: int) -> None:
-    """At a checkpoint (every ``eval_every`` edits, before the end): scores, generations, capability."""
+def _checkpoint_at(run: _Stream, editor: Any, done: int, stopping: bool = False) -> None:
+    """At a checkpoint (every ``eval_every`` edits, before the end, or at the end where the call stops
+    there): scores, generations, capability."""
     spec, out, model, tok = run.spec, run.out, run.model, run.tok
-    if not (spec.eval_every and done % spec.eval_every == 0 and done < len(run.cases)):
+    if not (spec.eval_every and done % spec.eval_every == 0 and (done < len(run.cases) or stopping)):
         return
     ck = out / "checkpoints" / f"{done:06d}.json"
     if not ck.exists():
