@@ -9,7 +9,8 @@ as it is. What changes:
 
 * ``spec.json`` (``rlsedit-experiment/1`` -> ``/2``): the fields added after the first format are written
   with the value an older spec stood for (``fluency`` 100, ``capability`` and ``consistency_dir`` None,
-  ``checkpoint_cases`` 0, ``targets`` "dynamic").
+  ``checkpoint_cases`` 0, ``targets`` "dynamic"; in ``capability``: no ``lm_eval`` tasks, and
+  ``backend`` "rlsedit", the only scorer then, or "auto" where no task was scored).
 * ``batches.json``: a report without ``targets_cached`` gets it (cached when it shows under 0.5 s of
   target optimisation: an optimisation takes minutes); with ``--targets-cache DIR``, a report without
   ``targets_keys`` gets the key of the one file in DIR holding its request count and exactly its mean
@@ -33,7 +34,7 @@ import torch
 
 from rlsedit.experiment import SPEC_FORMAT
 from rlsedit.recorder import EDITOR_KIND, RunRecorder
-from rlsedit.store import RunStore, load_json, load_tensors, save_json
+from rlsedit.store import RunLockedError, RunStore, load_json, load_tensors, save_json
 
 log = logging.getLogger("migrate_runs")
 
@@ -52,14 +53,27 @@ LATER_FIELDS: dict[str, Any] = {
 def migrate_spec(path: Path, dry_run: bool = False) -> bool:
     """Upgrade ``spec.json`` at ``path``; returns whether it changed."""
     spec = load_json(path)
-    if spec.get("format") == SPEC_FORMAT:
-        return False
-    if spec.get("format") != OLD_SPEC_FORMAT:
+    if spec.get("format") not in (OLD_SPEC_FORMAT, SPEC_FORMAT):
         raise ValueError(f"{path}: unknown spec format {spec.get('format')!r}")
     new = {**LATER_FIELDS, **spec, "format": SPEC_FORMAT}
+    if isinstance(new["capability"], dict):
+        new["capability"] = {**later_capability_fields(new["capability"]), **new["capability"]}
+    if new == spec:
+        return False
     if not dry_run:
         save_json(path, new)
     return True
+
+
+def later_capability_fields(capability: dict[str, Any]) -> dict[str, Any]:
+    """The capability settings added after a spec was written, with the value it stood for: no
+    lm-evaluation-harness tasks, and the GLUE / MMLU tasks scored by rlsedit's own code (the only scorer
+    then; where no task was asked for the scorer is moot, and the default "auto" is written)."""
+    return {
+        "backend": "rlsedit" if capability.get("tasks") else "auto",
+        "lm_eval": [],
+        "lm_eval_limit": None,
+    }
 
 
 def cached_target_figures(cache: Path) -> dict[str, tuple[int, float, float]]:
@@ -129,11 +143,12 @@ def running_sums(store: RunStore, manifest: dict[str, Any], layer: int) -> dict[
 def migrate_editor(directory: Path, dry_run: bool = False) -> bool:
     """Upgrade the editor's run directory ``directory``; returns whether it changed."""
     store = RunStore(directory, create=False)
+    current = store.load_manifest()
+    if current is None or current.get("kind") == EDITOR_KIND:
+        return False  # nothing to do: no need to take the lock (a running stream may hold it)
     with store.lock():
         manifest = store.load_manifest()
-        if manifest is None:
-            return False
-        if manifest.get("kind") == EDITOR_KIND:
+        if manifest is None or manifest.get("kind") == EDITOR_KIND:
             return False
         if manifest.get("kind") != OLD_EDITOR_KIND:
             raise ValueError(f"{directory}: unknown editor format {manifest.get('kind')!r}")
@@ -191,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s: no experiment folder or run directory found", root)
             return 1
         for folder in folders:
-            changed = migrate(folder, args.targets_cache, args.dry_run)
+            try:
+                changed = migrate(folder, args.targets_cache, args.dry_run)
+            except RunLockedError as exc:
+                log.error("%s: skipped (%s)", folder, exc)
+                continue
             verb = "would upgrade" if args.dry_run else "upgraded"
             log.info("%s: %s", folder, f"{verb} {', '.join(changed)}" if changed else "current already")
     return 0

@@ -313,6 +313,15 @@ def test_a_spec_of_the_older_format_is_refused_until_migrated(
     upgraded = json.loads(path.read_text())
     assert spec.matches(upgraded) and upgraded == saved
     assert not ExperimentSpec(**{**spec.__dict__, "fluency": 5}).matches(upgraded)
+    # a capability setting written before the scorer could be chosen: scored by rlsedit's own code
+    with_cap = ExperimentSpec(**{**spec.__dict__, "capability": {"tasks": ["sst2"]}}).to_dict()
+    old_cap = {
+        k: v for k, v in with_cap["capability"].items() if k not in ("backend", "lm_eval", "lm_eval_limit")
+    }
+    path.write_text(json.dumps({**with_cap, "capability": old_cap}))
+    assert migrate.migrate_spec(path) and not migrate.migrate_spec(path)
+    upgraded = json.loads(path.read_text())
+    assert upgraded["capability"] == {**with_cap["capability"], "backend": "rlsedit"}
 
 
 def test_spec_checks_for_the_new_fields() -> None:
