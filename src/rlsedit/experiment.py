@@ -209,9 +209,10 @@ def run_experiment(
     """Run (or resume) the experiment ``spec`` in folder ``out``; return the results dict.
 
     ``stop_after``: stop once this many edits are applied (and their checkpoint, if one falls there, is
-    scored, at the stream's end too), leaving the run resumable; no final scoring is done, and the returned dict is then what
-    :func:`rlsedit.runs.load_results` assembles of a run in progress (``"partial": True``, ``"post"`` the
-    last checkpoint's summary, ``"edits"`` its edits) plus ``"stopped_after"``, the edits applied. A
+    scored, at the stream's end too), leaving the run resumable; no final scoring is done, and the
+    returned dict is then what :func:`rlsedit.runs.load_results` assembles of a run in progress
+    (``"partial": True``, ``"post"`` the last checkpoint's summary, ``"edits"`` its edits) plus
+    ``"stopped_after"``, the edits applied. A
     stream that is already further along is not rolled back: the call just stops before applying
     anything more.
 
