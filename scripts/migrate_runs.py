@@ -34,7 +34,7 @@ import torch
 
 from rlsedit.experiment import SPEC_FORMAT
 from rlsedit.recorder import EDITOR_KIND, RunRecorder
-from rlsedit.store import RunLockedError, RunStore, load_json, load_tensors, save_json
+from rlsedit.store import RESERVED_MANIFEST_KEYS, RunLockedError, RunStore, load_json, load_tensors, save_json
 
 log = logging.getLogger("migrate_runs")
 
@@ -158,8 +158,7 @@ def migrate_editor(directory: Path, dry_run: bool = False) -> bool:
                 if name.startswith("layer") and "B" not in group:
                     sums = running_sums(store, manifest, int(name[len("layer") :]))
                     group.update({k: v.to(group["A"].device) for k, v in sums.items()})
-        reserved = {"generation", "files", "format", "journal_length", "checksum"}
-        new = {k: v for k, v in manifest.items() if k not in reserved}
+        new = {k: v for k, v in manifest.items() if k not in RESERVED_MANIFEST_KEYS}
         new["kind"] = EDITOR_KIND
         if not dry_run:
             RunRecorder(store).commit(store, state, new)

@@ -141,7 +141,7 @@ def test_a_run_saved_without_running_sums_is_refused_until_migrated(tmp_path: Pa
     migration script; the migration computes B and vv from the records (the active requests: the same as
     the editor kept, up to the records' float32 rounding), the terms then match the naive ones, and the
     resumed editor edits and retracts."""
-    from rlsedit.store import RunStore
+    from rlsedit.store import RESERVED_MANIFEST_KEYS, RunStore
 
     editor = _editor()
     editor.edit(REQUESTS[:4], batch_size=2)
@@ -154,10 +154,8 @@ def test_a_run_saved_without_running_sums_is_refused_until_migrated(tmp_path: Pa
     for group in state.values():
         group.pop("B", None)
         group.pop("vv", None)
-    reserved = {"generation", "files", "format", "journal_length", "checksum"}
-    store.commit(
-        state, {**{k: v for k, v in manifest.items() if k not in reserved}, "kind": "rlsedit-editor/1"}
-    )
+    caller = {k: v for k, v in manifest.items() if k not in RESERVED_MANIFEST_KEYS}
+    store.commit(state, {**caller, "kind": "rlsedit-editor/1"})
     model, tok = tiny_model("llama", seed=0)
     with pytest.raises(ValueError, match="migrate_runs"):
         load_editor(run, model, tok)

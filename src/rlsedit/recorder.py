@@ -93,6 +93,7 @@ class RunRecorder:
         self.attached = attached
         self.static: dict[str, dict] = dict(static or {})
         self._scratch: tempfile.TemporaryDirectory | None = None
+        self._scratch_store: RunStore | None = None
 
     # -- where records live -------------------------------------------------------------------------------
 
@@ -101,9 +102,10 @@ class RunRecorder:
         """The store the records are in: the attached run directory, else a scratch folder."""
         if self.attached is not None:
             return self.attached
-        if self._scratch is None:
+        if self._scratch_store is None:  # made once: a RunStore scans its folder when opened
             self._scratch = tempfile.TemporaryDirectory(prefix="rlsedit-")
-        return RunStore(self._scratch.name)
+            self._scratch_store = RunStore(self._scratch.name)
+        return self._scratch_store
 
     def is_attached_to(self, target: RunStore) -> bool:
         return self.attached is not None and Path(self.attached.root).resolve() == Path(target.root).resolve()
@@ -166,10 +168,13 @@ class RunRecorder:
 
     def copy_records(self, target: RunStore, batches: list[dict[str, Any]]) -> None:
         """Copy every record of ``batches`` and the static blobs into ``target`` (saving elsewhere)."""
+        self._copy_blobs(self.store, target, batches)
+
+    def _copy_blobs(self, source: RunStore, target: RunStore, batches: list[dict[str, Any]]) -> None:
         fresh = target.load_manifest() is None  # no committed run there: its blobs are leftovers
         refs = [ref for b in batches for ref in b.get("records", {}).values()]
         for ref in [*refs, *self.static.values()]:
-            target.put_blob(ref["path"], self.store.load_blob(ref), replace=fresh)
+            target.put_blob(ref["path"], source.load_blob(ref), replace=fresh)
 
     # -- commits ------------------------------------------------------------------------------------------
 
@@ -217,10 +222,7 @@ class RunRecorder:
         if source is None:
             return
         self.attached = None
-        scratch = self.store
-        refs = [ref for b in batches for ref in b.get("records", {}).values()]
-        for ref in [*refs, *self.static.values()]:
-            scratch.put_blob(ref["path"], source.load_blob(ref))
+        self._copy_blobs(source, self.store, batches)
 
     def finish_interrupted(self) -> None:
         """Finish what a crash right after the attached directory's last commit left undone (its journal

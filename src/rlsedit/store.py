@@ -85,6 +85,7 @@ __all__ = [
     "load_json",
     "Journal",
     "RunStore",
+    "RESERVED_MANIFEST_KEYS",
     "RUN_FORMAT",
     "TMP_SUFFIX",
 ]
@@ -94,7 +95,8 @@ logger = logging.getLogger(__name__)
 #: Value of ``manifest["format"]`` written by this version.
 RUN_FORMAT = "rlsedit-run/1"
 
-_RESERVED_MANIFEST_KEYS = frozenset({"generation", "files", "format", "journal_length", "checksum"})
+#: Manifest keys the store writes itself (a caller's manifest may not use them; strip them to recommit).
+RESERVED_MANIFEST_KEYS = frozenset({"generation", "files", "format", "journal_length", "checksum"})
 _GROUP_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 _STATE_FILE_RE = re.compile(r"^(?P<name>.+)\.g(?P<gen>[0-9]+)\.safetensors$")
 
@@ -453,7 +455,7 @@ class RunStore:
         """
         if not isinstance(manifest, Mapping):
             raise TypeError(f"manifest must be a dict, got {type(manifest).__name__}")
-        clash = _RESERVED_MANIFEST_KEYS & set(manifest)
+        clash = RESERVED_MANIFEST_KEYS & set(manifest)
         if clash:
             raise ValueError(f"manifest keys {sorted(clash)} are reserved by RunStore")
         manifest = dict(manifest)
